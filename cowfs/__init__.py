@@ -1,0 +1,1 @@
+"""cowfs: a copy-on-write layered filesystem in userspace."""

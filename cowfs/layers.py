@@ -1,0 +1,95 @@
+"""One layer directory and the only syscalls cowfs makes on layer contents.
+
+Every call here is relative to a directory file descriptor and never follows a
+symlink: a layer's contents are untrusted and the daemon runs as root, so a name
+inside a layer must never lead outside it.  Directory fds are opened with
+O_NOFOLLOW one component at a time, so no path with a symlink in it is ever
+handed to the kernel.
+"""
+from __future__ import annotations
+
+import os
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Layer:
+    """A layer root: index 0 is the upper layer when there is one."""
+
+    __slots__ = ("index", "path", "fd", "dev", "writable")
+
+    def __init__(self, index: int, path: str, writable: bool) -> None:
+        self.index = index
+        self.path = path
+        # The layer root itself may be named through a symlink by the user (that is
+        # the user's choice, not layer content), so follow it here only.
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.fd).st_dev
+        self.writable = writable
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"Layer({self.index}, {self.path!r})"
+
+
+def lstat_at(dir_fd: int, name: bytes) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def lstat_or_none(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def open_dir_at(dir_fd: int, name: bytes) -> int:
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+def open_file_at(dir_fd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
+def walk_dirs(root_fd: int, components: tuple[bytes, ...]) -> int | None:
+    """Open the directory at components below root_fd, or None when it is not one."""
+    fd = os.dup(root_fd)
+    try:
+        for name in components:
+            try:
+                nfd = open_dir_at(fd, name)
+            except (FileNotFoundError, NotADirectoryError, OSError):
+                return None
+            os.close(fd)
+            fd = nfd
+        result, fd = fd, -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def xattr_path(dir_fd: int, name: bytes) -> bytes:
+    """A path for the *xattr calls on one entry, used with follow_symlinks=False.
+
+    The /proc magic link of the parent fd is followed by the kernel without a
+    lookup by name; the last component is never followed.  This reaches xattrs of
+    symlinks and of O_PATH-only entries alike.
+    """
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
+def entry_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
+    """All xattrs of one entry, without following it."""
+    path = xattr_path(dir_fd, name)
+    return {n: os.getxattr(path, n, follow_symlinks=False)
+            for n in os.listxattr(path, follow_symlinks=False)}
+
+
+def get_xattr_or_none(dir_fd: int, name: bytes, attr: str) -> bytes | None:
+    try:
+        return os.getxattr(xattr_path(dir_fd, name), attr, follow_symlinks=False)
+    except OSError:
+        return None

@@ -1,0 +1,43 @@
+"""Where a live mount records its layers, so `cowfs diff MNT` can find its upper dir."""
+from __future__ import annotations
+
+import json
+import os
+
+import xxhash
+
+from .options import MountConfig
+
+STATE_DIR = "/run/cowfs/mounts" if os.geteuid() == 0 else os.path.join(
+    os.environ.get("XDG_RUNTIME_DIR", f"/tmp/cowfs-{os.getuid()}"), "cowfs", "mounts")
+
+
+def _state_file(mountpoint: str) -> str:
+    key = xxhash.xxh64_hexdigest(os.path.realpath(mountpoint).encode())
+    return os.path.join(STATE_DIR, key + ".json")
+
+
+def record_mount(cfg: MountConfig) -> None:
+    os.makedirs(STATE_DIR, exist_ok=True)
+    data = {"mountpoint": cfg.mountpoint, "lowerdirs": cfg.lowerdirs,
+            "upperdir": cfg.upperdir, "workdir": cfg.workdir, "pid": os.getpid()}
+    tmp = _state_file(cfg.mountpoint) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, _state_file(cfg.mountpoint))
+
+
+def forget_mount(mountpoint: str) -> None:
+    try:
+        os.unlink(_state_file(mountpoint))
+    except FileNotFoundError:
+        pass
+
+
+def find_mount(mountpoint: str) -> dict | None:
+    """The layers of the cowfs mount at mountpoint, or None if none is recorded."""
+    try:
+        with open(_state_file(mountpoint)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
