@@ -1,0 +1,220 @@
+"""Statistics, the results table (terminal, text, Markdown), JSON and the PNG chart.
+
+Absolute figures are medians over the repeats, with the spread (max-min over the
+median).  Ratios are computed within each run (repeat) and then the median is taken,
+so a machine that drifts between runs does not skew them.  Every ratio is a *cost*
+ratio: time over time, or for throughput the inverse, or memory over memory; so a
+ratio above 1 always means "cowfs is slower / bigger", below 1 "cowfs is better".
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from config import BACKENDS, METRICS, Config, Metric
+
+RATIOS = [("cowfs", "kernel"), ("cowfs", "fuse-overlayfs"), ("fuse-overlayfs", "kernel")]
+SHORT = {"plain": "plain", "kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "cowfs": "cowfs"}
+
+
+def _cost(m: Metric, v: float) -> float:
+    return 1.0 / v if m.better == "higher" else v
+
+
+def summarize(cfg: Config, raw: dict, backends: list[str]) -> list[dict]:
+    """raw[(metric, n)][backend] = [value or None per repeat] -> table rows."""
+    rows = []
+    for m in METRICS:
+        for n in sorted({k[1] for k in raw if k[0] == m.key}):
+            per = raw[(m.key, n)]
+            row = {"metric": m.key, "title": m.title(cfg), "unit": m.unit, "better": m.better,
+                   "layers": n, "values": {}, "median": {}, "spread": {}, "ratios": {}}
+            for b in backends:
+                vals = per.get(b, [])
+                row["values"][b] = vals
+                good = [v for v in vals if v is not None]
+                if good:
+                    med = statistics.median(good)
+                    row["median"][b] = med
+                    row["spread"][b] = (max(good) - min(good)) / med if med and len(good) > 1 \
+                        else 0.0
+            for a, ref in RATIOS:
+                va, vr = per.get(a, []), per.get(ref, [])
+                runs = [_cost(m, x) / _cost(m, y) for x, y in zip(va, vr)
+                        if x is not None and y is not None and x > 0 and y > 0]
+                if runs:
+                    row["ratios"][f"{a}/{ref}"] = {"median": statistics.median(runs),
+                                                   "per_run": runs}
+            rows.append(row)
+    return rows
+
+
+def fmt_value(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit in ("MiB/s", "MiB", "ms") and v >= 100:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def fmt_cell(row: dict, b: str) -> str:
+    if b not in row["median"]:
+        return "FAIL" if any(v is None for v in row["values"].get(b, [])) and \
+            row["values"].get(b) else "-"
+    s = fmt_value(row["median"][b], row["unit"])
+    spread = row["spread"].get(b, 0.0)
+    if len(row["values"][b]) > 1:
+        s += f" ±{spread * 50:.0f}%"    # half the range, relative to the median
+    return s
+
+
+def fmt_ratio(row: dict, key: str) -> str:
+    r = row["ratios"].get(key)
+    if r is None:
+        return "-"
+    return f"{r['median']:.2f}x"
+
+
+def table_columns(backends: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    ratio_cols = [(a, r) for a, r in RATIOS if a in backends and r in backends]
+    head = ["workload", "L", "unit"] + [SHORT[b] for b in backends] + \
+        [f"{SHORT[a]}/{SHORT[r]}" for a, r in ratio_cols]
+    return head, ratio_cols
+
+
+def table_rows(rows: list[dict], backends: list[str]) -> list[list[str]]:
+    _, ratio_cols = table_columns(backends)
+    out = []
+    for row in rows:
+        unit = row["unit"] + (" ↑" if row["better"] == "higher" else "")
+        out.append([row["title"], str(row["layers"]), unit] +
+                   [fmt_cell(row, b) for b in backends] +
+                   [fmt_ratio(row, f"{a}/{r}") for a, r in ratio_cols])
+    return out
+
+
+def rich_table(rows: list[dict], backends: list[str], title: str):
+    from rich.table import Table
+    head, ratio_cols = table_columns(backends)
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 else "right",
+                     style="cyan" if i >= len(head) - len(ratio_cols) else None)
+    for r in table_rows(rows, backends):
+        t.add_row(*[_color_ratio(c) if i >= len(head) - len(ratio_cols) else c
+                    for i, c in enumerate(r)])
+    return t
+
+
+def _color_ratio(cell: str) -> str:
+    if not cell.endswith("x"):
+        return cell
+    v = float(cell[:-1])
+    color = "green" if v <= 1.1 else "yellow" if v <= 2 else "red"
+    return f"[{color}]{cell}[/{color}]"
+
+
+def text_table(rows: list[dict], backends: list[str]) -> str:
+    head, _ = table_columns(backends)
+    body = table_rows(rows, backends)
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
+                       enumerate(zip(head, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in body:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths))))
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: list[dict], backends: list[str]) -> str:
+    head, ratio_cols = table_columns(backends)
+    body = table_rows(rows, backends)
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|"]
+    for r in body:
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_json(path: Path, meta: dict, cfg: Config, rows: list[dict], failures: list[dict],
+               backends: list[str], backend_status: dict) -> None:
+    doc = {"meta": meta, "config": cfg.as_dict(), "backends": backends,
+           "backend_status": backend_status, "ratio_meaning":
+           "cost ratio (time, 1/throughput, memory): >1 means the first is slower/bigger",
+           "rows": rows, "failures": failures}
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def chart(path: Path, rows: list[dict], backends: list[str], title: str) -> bool:
+    """Horizontal bars: each backend's cost relative to kernel overlayfs (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel_rows = [r for r in rows if "kernel" in r["median"]]
+    mem_rows = [r for r in rows if r["unit"] == "MiB" and r["median"]]
+    others = [b for b in backends if b != "kernel"]
+    if not rel_rows and not mem_rows:
+        return False
+    colors = {"plain": "#999999", "fuse-overlayfs": "#1f77b4", "cowfs": "#d62728",
+              "kernel": "#2ca02c"}
+    height = 1.2 + 0.32 * len(rel_rows) * max(1, len(others)) / 2 + \
+        (0.3 * len(mem_rows) + 1.2 if mem_rows else 0)
+    fig = plt.figure(figsize=(11, max(4.0, height)))
+    gs = fig.add_gridspec(2 if mem_rows else 1, 1,
+                          height_ratios=[max(1, len(rel_rows)), max(1, len(mem_rows) / 1.5)]
+                          if mem_rows else [1])
+    ax = fig.add_subplot(gs[0])
+    labels = [f"{r['title'][:58]} [L={r['layers']}]" for r in rel_rows]
+    bw = 0.8 / max(1, len(others))
+    for j, b in enumerate(others):
+        xs, ys = [], []
+        for i, r in enumerate(rel_rows):
+            if b in r["median"] and r["median"]["kernel"] > 0 and r["median"][b] > 0:
+                m = next(mm for mm in METRICS if mm.key == r["metric"])
+                k = (r["ratios"].get(f"{b}/kernel") or {}).get("median")
+                if k is None:
+                    k = _cost(m, r["median"][b]) / _cost(m, r["median"]["kernel"])
+                xs.append(k)
+                ys.append(i + (j - (len(others) - 1) / 2) * bw)
+        ax.barh(ys, xs, height=bw, color=colors.get(b, None), label=b)
+    ax.axvline(1.0, color=colors["kernel"], lw=1.5, label="kernel overlayfs = 1")
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rel_rows)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("cost relative to kernel overlayfs (time, 1/throughput; log scale; "
+                  "<1 is faster than the kernel)")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    if mem_rows:
+        ax2 = fig.add_subplot(gs[1])
+        fb = [b for b in backends if any(b in r["median"] for r in mem_rows)]
+        bw2 = 0.8 / max(1, len(fb))
+        for j, b in enumerate(fb):
+            xs, ys = [], []
+            for i, r in enumerate(mem_rows):
+                if b in r["median"]:
+                    xs.append(r["median"][b])
+                    ys.append(i + (j - (len(fb) - 1) / 2) * bw2)
+            ax2.barh(ys, xs, height=bw2, color=colors.get(b), label=b)
+        ax2.set_yticks(range(len(mem_rows)))
+        ax2.set_yticklabels([f"{r['title'][:58]} [L={r['layers']}]" for r in mem_rows],
+                            fontsize=7)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("daemon RSS, MiB")
+        ax2.grid(axis="x", alpha=0.3)
+        ax2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True

@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""cowfs benchmark suite: every workload on every backend over identical data, one run.
+
+Backends: plain (a directory holding the union of the layers: the physical reference),
+kernel (mount -t overlay), fuse-overlayfs and cowfs.  See bench/README.md.
+
+    scripts/bench                       # the full run; regenerates bench/RESULTS.md
+    scripts/bench --quick               # small sizes, one repeat (the test suite's smoke test)
+    scripts/bench --backends kernel,cowfs --workloads stat,lookup --repeat 5
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from backends import CLASSES, MountError, MountTimeout, cleanup_stale, unmount  # noqa: E402
+from config import BACKENDS, METRICS, WORKLOADS, Config, human_size, quick_config  # noqa: E402
+from data import SUBDIRS_BY_WORKLOAD, Data  # noqa: E402
+import report  # noqa: E402
+from workloads import RUNNERS, Ctx, StepError, applies  # noqa: E402
+
+DEFAULT_ROOT = Path("/tmp/bench-helper")
+
+
+def _csv(kind: str, allowed: list[str]):
+    def parse(s: str) -> list[str]:
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {kind}: {', '.join(bad)} "
+                                             f"(choose from {', '.join(allowed)})")
+        return items
+    return parse
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {s}") from None
+    if not out or any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError("layer counts must be >= 1")
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, one repeat, layer counts 1 and 3 (a smoke test)")
+    p.add_argument("--backends", type=_csv("backend", BACKENDS), default=list(BACKENDS),
+                   help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--workloads", type=_csv("workload", WORKLOADS), default=list(WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs of everything; medians are reported (default 3, quick 1)")
+    p.add_argument("--layers", type=_ints, default=None,
+                   help="layer counts for the layered workloads (default 1,5,20)")
+    p.add_argument("--lookup-layers", type=_ints, default=None,
+                   help="layer counts for the lookup-scaling workload (default 1,5,20,100)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds one measured step may take before the mount is torn down")
+    p.add_argument("--out", type=Path, default=HERE / "out",
+                   help="where results.json, table.txt, table.md, chart.png go (bench/out)")
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT / "run",
+                   help="scratch directory for data and mountpoints (/tmp/bench-helper/run)")
+    p.add_argument("--keep-data", action="store_true",
+                   help="keep the generated data for the next run (default: remove it)")
+    p.add_argument("--results-md", type=Path, default=None,
+                   help="write the RESULTS.md report here (default: bench/RESULTS.md on a "
+                        "full run of everything, nowhere otherwise)")
+    p.add_argument("--no-results-md", action="store_true", help="never write RESULTS.md")
+    p.add_argument("--cowfs-python", default=sys.executable,
+                   help="the python that runs `-m cowfs` (default: this one)")
+    ns = p.parse_args(argv)
+    if ns.repeat is not None and ns.repeat < 1:
+        p.error("--repeat must be >= 1")
+    return ns
+
+
+def make_config(ns: argparse.Namespace) -> Config:
+    cfg = quick_config() if ns.quick else Config()
+    if ns.repeat is not None:
+        cfg.repeat = ns.repeat
+    if ns.layers:
+        cfg.layers = ns.layers
+        cfg.copyup_layers = [min(ns.layers)]
+        cfg.memory_layers = [sorted(ns.layers)[len(ns.layers) // 2]]
+    if ns.lookup_layers:
+        cfg.lookup_layers = ns.lookup_layers
+    if ns.timeout:
+        cfg.timeout = ns.timeout
+    return cfg
+
+
+def machine_info(backends: dict) -> dict:
+    mem = "?"
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except (OSError, StopIteration):
+        pass
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(DEFAULT_ROOT.parent)],
+                        capture_output=True, text=True).stdout.strip()
+    versions = {name: b.version() for name, b in backends.items() if name != "plain"}
+    try:
+        from importlib.metadata import version
+        versions["pyfuse3"] = version("pyfuse3")
+        versions["trio"] = version("trio")
+    except Exception:
+        pass
+    versions["python"] = platform.python_version()
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "nproc": os.cpu_count(), "memory": mem, "cpu": cpu,
+            "kernel": os.uname().release, "scratch_fs": fs, "versions": versions}
+
+
+class Runner:
+    def __init__(self, ns: argparse.Namespace) -> None:
+        self.ns = ns
+        self.cfg = make_config(ns)
+        self.root: Path = ns.root.resolve()
+        self.data = Data(self.root / "data", self.cfg)
+        base = self.root / "m"
+        self.backends = {}
+        for name in ns.backends:
+            b = CLASSES[name](base, self.cfg.mount_timeout)
+            if name == "cowfs":
+                b.python = ns.cowfs_python
+            self.backends[name] = b
+        self.workloads = [w for w in WORKLOADS if w in ns.workloads]
+        self.raw: dict = {}             # (metric, n) -> backend -> [value|None per repeat]
+        self.failures: list[dict] = []
+        self.status = {b: "ok" for b in self.backends}
+        self.dead: dict[tuple[str, int], str] = {}   # (backend, n) -> why it is skipped
+        self.live = None                # the mount being measured, for the safety net
+
+    # -- the plan ---------------------------------------------------------------------
+    def steps(self) -> list[tuple[str, int, str]]:
+        out = []
+        for w in self.workloads:
+            for n in self.cfg.layers_for(w):
+                for b in self.backends:
+                    if applies(w, b):
+                        out.append((w, n, b))
+        return out
+
+    def data_needs(self) -> dict[int, set[str]]:
+        needs: dict[int, set[str]] = {}
+        for w, n, _ in self.steps():
+            needs.setdefault(n, set()).update(SUBDIRS_BY_WORKLOAD[w])
+        return needs
+
+    def _register(self, m) -> None:
+        self.live = m
+
+    def record(self, w: str, n: int, b: str, r: int, values: dict | None) -> None:
+        for m in METRICS:
+            if m.workload != w or b not in m.backends:
+                continue
+            per = self.raw.setdefault((m.key, n), {})
+            vals = per.setdefault(b, [None] * self.cfg.repeat)
+            vals[r] = None if values is None else values.get(m.key)
+
+    def fail(self, w: str, n: int, b: str, r: int, err: str) -> None:
+        self.failures.append({"backend": b, "workload": w, "layers": n, "repeat": r + 1,
+                              "error": err})
+        self.record(w, n, b, r, None)
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self, progress, task) -> None:
+        steps = self.steps()
+        for name, b in self.backends.items():
+            why = b.unavailable()
+            if why:
+                self.status[name] = f"unavailable: {why}"
+        for r in range(self.cfg.repeat):
+            # Rotate the backend order each run so none always goes first.
+            order = list(self.backends)
+            order = order[r % len(order):] + order[:r % len(order)]
+            for w in self.workloads:
+                for n in self.cfg.layers_for(w):
+                    for bname in order:
+                        if (w, n, bname) not in steps:
+                            continue
+                        progress.update(task, description=f"run {r + 1}/{self.cfg.repeat}  "
+                                        f"{w:<7} L={n:<3} {bname}")
+                        self.one(w, n, bname, r)
+                        progress.advance(task)
+
+    def one(self, w: str, n: int, bname: str, r: int) -> None:
+        b = self.backends[bname]
+        if self.status[bname].startswith("unavailable"):
+            self.fail(w, n, bname, r, self.status[bname])
+            return
+        if (bname, n) in self.dead:
+            self.fail(w, n, bname, r, f"skipped: {self.dead[(bname, n)]}")
+            return
+        ctx = Ctx(self.cfg, self.data, b, n, w, self._register)
+        try:
+            values = RUNNERS[w](ctx)
+        except MountError as e:
+            msg = f"mount failed: {e}"
+            if isinstance(e, MountTimeout):   # a hanging mount: give up the backend
+                for nn in set(self.cfg.layers + self.cfg.lookup_layers +
+                              self.cfg.copyup_layers + self.cfg.memory_layers):
+                    self.dead[(bname, nn)] = msg
+            self.dead[(bname, n)] = msg
+            self.status[bname] = "mount failed"
+            self.fail(w, n, bname, r, msg)
+        except StepError as e:
+            self.fail(w, n, bname, r, str(e))
+            if self.status[bname] == "ok":
+                self.status[bname] = "some steps failed"
+        except OSError as e:
+            self.fail(w, n, bname, r, f"{type(e).__name__}: {e}")
+            if self.status[bname] == "ok":
+                self.status[bname] = "some steps failed"
+        else:
+            self.record(w, n, bname, r, values)
+
+    def safety_net(self) -> None:
+        """Whatever happened: nothing of ours stays mounted."""
+        if self.live is not None and self.live.backend != "plain":
+            unmount(self.live.path, self.live.pids, hung=True)
+        for b in self.backends.values():
+            if b.name != "plain":
+                unmount(b.mnt, [], hung=False)
+        cleanup_stale(self.root)
+
+
+def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, failures: list,
+                     status: dict, chart_name: str | None, elapsed: float) -> None:
+    v = meta["versions"]
+    lines = [
+        "# cowfs benchmark results", "",
+        "Regenerated by `scripts/bench` (the full run); do not edit by hand.", "",
+        f"- date: {meta['date']}, wall time of the run: {elapsed / 60:.1f} min",
+        f"- machine: {meta['nproc']} CPUs ({meta['cpu']}), {meta['memory']} RAM, "
+        f"kernel {meta['kernel']}, scratch fs {meta['scratch_fs']}",
+        f"- kernel overlayfs: {v.get('kernel', '-')}",
+        f"- fuse-overlayfs: {v.get('fuse-overlayfs', '-')}",
+        f"- cowfs: {v.get('cowfs', '-')} (python {v.get('python')}, pyfuse3 "
+        f"{v.get('pyfuse3', '?')}, trio {v.get('trio', '?')})",
+        f"- runs: {cfg.repeat}; big files {human_size(cfg.big_small)} and "
+        f"{human_size(cfg.big_large)}; layer counts {cfg.layers}, lookup "
+        f"{cfg.lookup_layers}, copy-up {cfg.copyup_layers}, memory {cfg.memory_layers}",
+        "- backends: " + ", ".join(f"{b}: {s}" for b, s in status.items()), "",
+        "How to read it: absolute figures are medians over the runs, `±` is half the "
+        "range over the runs relative to the median. Ratio columns are cost ratios "
+        "(time over time, inverse throughput, memory over memory), computed within each "
+        "run and then the median taken: **above 1 means the first backend is slower or "
+        "bigger**, e.g. `cowfs/kernel 3.00x` = cowfs takes three times as long as kernel "
+        "overlayfs. `↑` marks units where more is better. `L` is the number of lower "
+        "layers. `plain` is one ordinary directory holding the union of the layers "
+        "(for copy-up rows: the same write on a plain file, i.e. no copy-up at all). "
+        "`FAIL` is a step that failed (see below), `-` a step that does not apply.", "",
+        md_table, ""]
+    if chart_name:
+        lines += [f"![cost relative to kernel overlayfs]({chart_name})", ""]
+    lines += ["## Methodology", "",
+              "- Every measurement gets a fresh mount (fresh empty upper and work "
+              "directories) over the same generated lower layers; before it, the lower "
+              "layers are walked so every backend starts from the same warm lower "
+              "caches. \"First pass\" therefore means a cold overlay (fresh mount), not a "
+              "cold disk, except workload 2, which drops all caches.",
+              "- The timed part runs in a child process (bench/worker.py); a step that "
+              "hangs is killed after the timeout and its mount torn down.",
+              "- Copy-up rows: the lower file's pages are in the page cache beforehand; "
+              "append rows include fsync; `chmod + sync` adds a global sync; the `cp + sync` "
+              "row copies the same file within the same mount (plain: the same disk).",
+              "- Memory: RSS (VmRSS) of the FUSE daemon process (found through its argv), "
+              "settled; after the walk and again after `echo 2 > drop_caches` makes the "
+              "kernel forget the inodes.", ""]
+    if failures:
+        lines += ["## Failures", ""]
+        seen = set()
+        for f in failures:
+            key = (f["backend"], f["workload"], f["layers"], f["error"])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f"- {f['backend']} / {f['workload']} / L={f['layers']} "
+                         f"(run {f['repeat']}): {f['error']}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn)
+    console = Console(stderr=True)
+    out_console = Console()
+    if not out_console.is_terminal:
+        out_console = Console(width=180)
+    if os.geteuid() != 0:
+        console.print("bench: must run as root (mount, drop_caches)", style="red")
+        return 2
+    root = ns.root.resolve()
+    if not str(root).startswith(str(DEFAULT_ROOT) + "/") and root != DEFAULT_ROOT:
+        console.print(f"bench: --root must be under {DEFAULT_ROOT}", style="red")
+        return 2
+    runner = Runner(ns)
+    cfg = runner.cfg
+    full = (not ns.quick and ns.backends == BACKENDS and ns.workloads == WORKLOADS
+            and not ns.layers and not ns.lookup_layers)
+    results_md = None if ns.no_results_md else (ns.results_md or
+                                                (HERE / "RESULTS.md" if full else None))
+    ns.out.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    stale = cleanup_stale(root)
+    if stale:
+        console.print(f"bench: unmounted leftovers of an earlier run: {stale}")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    interrupted = False
+    meta = machine_info(runner.backends)
+    steps = runner.steps()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("preparing data", total=len(steps) * cfg.repeat)
+            runner.data.prepare(runner.data_needs(),
+                                lambda s: progress.update(task, description=s))
+            runner.run(progress, task)
+            progress.update(task, description="done")
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("bench: interrupted; reporting what was measured", style="yellow")
+    finally:
+        runner.safety_net()
+        signal.signal(signal.SIGTERM, old)
+        if not ns.keep_data:
+            runner.data.cleanup()
+        subprocess.run(["rm", "-rf", str(root / "m")], check=False)
+        if not ns.keep_data and root != DEFAULT_ROOT:
+            shutil.rmtree(root, ignore_errors=True)
+    elapsed = time.monotonic() - t0
+
+    backends = list(runner.backends)
+    rows = report.summarize(cfg, runner.raw, backends)
+    title = (f"cowfs benchmark{' (quick)' if cfg.quick else ''}: {meta['date']}, "
+             f"{meta['nproc']} CPUs, kernel {meta['kernel']}, {cfg.repeat} run(s)")
+    out_console.print(report.rich_table(rows, backends, title))
+    for b, s in runner.status.items():
+        if s != "ok":
+            console.print(f"backend {b}: {s}", style="yellow")
+    for f in runner.failures[:20]:
+        console.print(f"  FAIL {f['backend']} {f['workload']} L={f['layers']} "
+                      f"run {f['repeat']}: {f['error']}", style="red", highlight=False)
+    if len(runner.failures) > 20:
+        console.print(f"  ... and {len(runner.failures) - 20} more (see results.json)")
+    (ns.out / "table.txt").write_text(title + "\n\n" + report.text_table(rows, backends))
+    md = report.markdown_table(rows, backends)
+    (ns.out / "table.md").write_text(md)
+    report.write_json(ns.out / "results.json", meta, cfg, rows, runner.failures, backends,
+                      runner.status)
+    have_chart = False
+    try:
+        have_chart = report.chart(ns.out / "chart.png", rows, backends, title)
+    except Exception as e:   # a chart problem must not lose the numbers
+        console.print(f"bench: chart failed: {e}", style="red")
+    if results_md is not None and not interrupted:
+        chart_name = None
+        if have_chart:
+            chart_name = "results.png"
+            shutil.copyfile(ns.out / "chart.png", results_md.parent / chart_name)
+        write_results_md(results_md, meta, cfg, md, runner.failures, runner.status,
+                         chart_name, elapsed)
+        console.print(f"bench: wrote {results_md}")
+    console.print(f"bench: results in {ns.out} ({elapsed:.0f}s)")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The measured operations, run in a child process so a hung mount cannot hang the suite.
+
+Usage: python worker.py < spec.json   (spec: {"op": NAME, ...arguments})
+Prints one JSON object: {"ok": true, "values": {...}} or {"ok": false, "error": "..."}.
+Standard library only, so it starts fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+now = time.perf_counter
+
+
+def _read_all(path: str, block: int = 1 << 20) -> int:
+    buf = bytearray(block)
+    view = memoryview(buf)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            n = os.readv(fd, [view])
+            if n <= 0:
+                break
+            total += n
+    finally:
+        os.close(fd)
+    return total
+
+
+def op_read(path: str, warm: bool) -> dict:
+    if warm:
+        _read_all(path)        # fill the page cache(s) first
+    t = now()
+    size = _read_all(path)
+    dt = now() - t
+    return {"mibps": size / (1 << 20) / dt, "bytes": size}
+
+
+def _paths(base: str, manifest: str) -> list[str]:
+    with open(manifest) as f:
+        return [os.path.join(base, line.rstrip("\n")) for line in f if line.strip()]
+
+
+def op_stat(base: str, manifest: str) -> dict:
+    paths = _paths(base, manifest)
+    out = {}
+    for key in ("first", "warm"):
+        t = now()
+        for p in paths:
+            os.lstat(p)
+        out[key] = (now() - t) * 1e3
+    return out
+
+
+def op_find(path: str) -> dict:
+    out = {}
+    for key in ("first", "warm"):
+        t = now()
+        res = subprocess.run(["find", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out[key] = (now() - t) * 1e3
+        if res.returncode != 0:
+            raise RuntimeError(f"find failed: {res.stderr.decode()[-300:]}")
+        out["entries"] = res.stdout.count(b"\n")
+    return out
+
+
+def op_ls(path: str, lstat: bool) -> dict:
+    t = now()
+    names = os.listdir(path)
+    if lstat:
+        for n in names:
+            os.lstat(os.path.join(path, n))
+    return {"ms": (now() - t) * 1e3, "entries": len(names)}
+
+
+def op_lookup(path: str, count: int) -> dict:
+    present = [os.path.join(path, f"b{i:05d}") for i in range(count)]
+    missing = [os.path.join(path, f"m{i:05d}") for i in range(count)]
+    t = now()
+    for p in present:
+        os.lstat(p)
+    t_present = now() - t
+    t = now()
+    for p in missing:
+        try:
+            os.lstat(p)
+        except FileNotFoundError:
+            pass
+        else:
+            raise RuntimeError(f"{p} exists")
+    t_missing = now() - t
+    return {"bottom": t_present / count * 1e6, "missing": t_missing / count * 1e6}
+
+
+def _append(path: str) -> float:
+    t = now()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"z" * 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return now() - t
+
+
+def op_append(small: str, large: str) -> dict:
+    return {"small": _append(small), "large": _append(large)}
+
+
+def op_chmod(path: str) -> dict:
+    t = now()
+    os.chmod(path, 0o600)
+    t1 = now()
+    os.sync()
+    t2 = now()
+    if os.stat(path).st_mode & 0o777 != 0o600:
+        raise RuntimeError("chmod did not stick")
+    return {"chmod": t1 - t, "chmod_sync": t2 - t}
+
+
+def op_cp_sync(src: str, dst: str) -> dict:
+    t = now()
+    subprocess.run(["cp", src, dst], check=True)
+    subprocess.run(["sync"], check=True)
+    dt = now() - t
+    if os.path.getsize(dst) != os.path.getsize(src):
+        raise RuntimeError("copy has the wrong size")
+    os.unlink(dst)
+    return {"s": dt}
+
+
+def op_small(base: str, count: int, size: int, delete_manifest: str) -> dict:
+    d = os.path.join(base, "small-new")
+    os.mkdir(d)
+    payload = b"s" * size
+    names = [os.path.join(d, f"n{i:05d}") for i in range(count)]
+    t = now()
+    for p in names:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+    t_create = now() - t
+    t = now()
+    for p in names:
+        os.unlink(p)
+    t_unlink = now() - t
+    victims = _paths(base, delete_manifest)
+    t = now()
+    for p in victims:
+        os.unlink(p)
+    t_delete = now() - t
+    for p in victims[:50]:
+        if os.path.lexists(p):
+            raise RuntimeError(f"{p} still visible after unlink")
+    return {"create": t_create * 1e3, "unlink": t_unlink * 1e3, "delete": t_delete * 1e3}
+
+
+def op_job(base: str, tarball: str, out: str) -> dict:
+    job = os.path.join(base, "job")
+    os.mkdir(job)
+    t0 = now()
+    subprocess.run(["tar", "-xf", tarball, "-C", job], check=True)
+    t1 = now()
+    du = subprocess.run(["du", "-sk", job, os.path.join(base, "src")], check=True,
+                        capture_output=True, text=True).stdout
+    t2 = now()
+    subprocess.run(["tar", "-cf", out, "-C", base, "job", "src"], check=True)
+    t3 = now()
+    os.unlink(out)
+    return {"untar": t1 - t0, "du": t2 - t1, "tar": t3 - t2, "total": t3 - t0,
+            "du_out": du.split()[::2]}
+
+
+def op_walk(path: str) -> dict:
+    t = now()
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames:
+            os.lstat(os.path.join(dirpath, name))
+        n += len(filenames) + len(dirnames)
+    return {"s": now() - t, "entries": n}
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    op = spec.pop("op")
+    try:
+        values = globals()[f"op_{op}"](**spec)
+    except BaseException as e:  # reported to the runner, which decides
+        tb = traceback.format_exc().strip().splitlines()
+        print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}",
+                          "where": tb[-3:] if tb else []}))
+        return 1
+    print(json.dumps({"ok": True, "values": values}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The ten workloads, as steps the runner drives for one (backend, layer count).
+
+Each workload mounts the backend fresh (some several times), has worker.py do the timed
+part in a child process, and returns {metric key: value}.  Anything that goes wrong
+raises StepError; the runner records it and goes on with the next backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from backends import Backend, MountError, Mounted, is_mountpoint, rss_mib
+from config import Config
+from data import SUBDIRS_BY_WORKLOAD, Data
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+class StepError(Exception):
+    pass
+
+
+def drop_caches(level: int) -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write(f"{level}\n")
+
+
+class Ctx:
+    def __init__(self, cfg: Config, data: Data, backend: Backend, n: int, workload: str,
+                 register) -> None:
+        self.cfg, self.data, self.backend, self.n = cfg, data, backend, n
+        self.workload = workload
+        self.subdirs = SUBDIRS_BY_WORKLOAD[workload]
+        self.register = register      # register(mounted | None): the runner's safety net
+
+    @contextlib.contextmanager
+    def mount(self):
+        """A fresh mount of this backend over the layer set (plain: a fresh union dir)."""
+        b = self.backend
+        self.data.prewarm(self.n, self.subdirs)
+        if b.name == "plain":
+            path = b.base / "mnt"
+            self.data.build_plain(self.n, self.subdirs, path)
+            m = Mounted("plain", path)
+        else:
+            m = b.mount(self.data.layerset(self.n).layers)
+        self.register(m)
+        try:
+            yield m
+        finally:
+            try:
+                b.unmount(m)
+            finally:
+                self.register(None)
+            if b.name != "plain" and is_mountpoint(m.path):
+                raise StepError(f"{m.path} is still mounted after umount")
+
+    def child(self, m: Mounted, op: str, **kw) -> dict:
+        spec = json.dumps({"op": op, **kw})
+        proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(spec, timeout=self.cfg.timeout)
+        except subprocess.TimeoutExpired:
+            m.hung = True          # the unmount kills the daemon first
+            proc.kill()
+            # If the child is stuck in a FUSE request, it gets free once the daemon dies.
+            with contextlib.suppress(Exception):
+                self.backend.unmount(m)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=30)
+            raise StepError(f"{op}: no answer within {self.cfg.timeout:.0f}s "
+                            "(timed out; mount torn down)") from None
+        try:
+            res = json.loads(out.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            raise StepError(f"{op}: worker died (rc {proc.returncode}): {err.strip()[-300:]}")
+        if not res["ok"]:
+            dead = ""
+            if m.pids and not any(os.path.exists(f"/proc/{p}") for p in m.pids):
+                dead = " [daemon process has exited]"
+            raise StepError(f"{op}: {res['error']}{dead}")
+        return res["values"]
+
+
+def _big(m: Mounted, name: str) -> str:
+    return str(m.path / "big" / name)
+
+
+def run_read(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        hot = ctx.child(m, "read", path=_big(m, "f_small"), warm=True)
+        drop_caches(3)
+        cold = ctx.child(m, "read", path=_big(m, "f_small"), warm=False)
+    return {"read_hot": hot["mibps"], "read_cold": cold["mibps"]}
+
+
+def run_stat(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        v = ctx.child(m, "stat", base=str(m.path), manifest=str(ctx.data.manifest(ctx.n, "stat")))
+    return {"stat_first": v["first"], "stat_warm": v["warm"]}
+
+
+def run_find(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        v = ctx.child(m, "find", path=str(m.path / "find"))
+    return {"find_first": v["first"], "find_warm": v["warm"]}
+
+
+def run_ls(ctx: Ctx) -> dict:
+    out = {}
+    for key, lstat in (("ls_first", False), ("ls_lstat_first", True)):
+        with ctx.mount() as m:
+            v = ctx.child(m, "ls", path=str(m.path / "ls" / "dir"), lstat=lstat)
+        if v["entries"] != ctx.cfg.bigdir:
+            raise StepError(f"listing shows {v['entries']} entries, expected {ctx.cfg.bigdir}")
+        out[key] = v["ms"]
+    return out
+
+
+def run_lookup(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        v = ctx.child(m, "lookup", path=str(m.path / "lk"), count=ctx.cfg.lookup_names)
+    return {"lookup_bottom": v["bottom"], "lookup_missing": v["missing"]}
+
+
+def _warm_big(ctx: Ctx) -> None:
+    files = ctx.data.plain_big if ctx.backend.name == "plain" else ctx.data.big
+    for p in files.values():
+        ctx.data.warm_file(p)
+    os.sync()
+
+
+def run_copyup(ctx: Ctx) -> dict:
+    out = {}
+    plain = ctx.backend.name == "plain"
+    try:
+        _warm_big(ctx)
+        with ctx.mount() as m:
+            v = ctx.child(m, "append", small=_big(m, "f_small"), large=_big(m, "f_large"))
+        out["copyup_append_small"], out["copyup_append_large"] = v["small"], v["large"]
+        if plain:
+            ctx.data.restore_plain_big()
+        _warm_big(ctx)
+        with ctx.mount() as m:
+            v = ctx.child(m, "chmod", path=_big(m, "f_large"))
+        out["copyup_chmod_large"], out["copyup_chmod_sync_large"] = v["chmod"], v["chmod_sync"]
+        if plain:
+            ctx.data.restore_plain_big()
+        _warm_big(ctx)
+        with ctx.mount() as m:
+            v = ctx.child(m, "cp_sync", src=_big(m, "f_large"), dst=_big(m, "f_large") + ".cp")
+        out["cp_sync_large"] = v["s"]
+    finally:
+        if plain:
+            ctx.data.restore_plain_big()
+    return out
+
+
+def run_small(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        v = ctx.child(m, "small", base=str(m.path), count=ctx.cfg.small_files,
+                      size=ctx.cfg.small_size,
+                      delete_manifest=str(ctx.data.manifest(ctx.n, "del")))
+    return {"small_create": v["create"], "small_unlink": v["unlink"], "delete_lower": v["delete"]}
+
+
+def run_job(ctx: Ctx) -> dict:
+    out = ctx.data.scratch / f"job-{ctx.backend.name}.tar"
+    with ctx.mount() as m:
+        v = ctx.child(m, "job", base=str(m.path), tarball=str(ctx.data.src_tar), out=str(out))
+    return {"job_untar": v["untar"], "job_du": v["du"], "job_tar": v["tar"],
+            "job_total": v["total"]}
+
+
+def _settled_rss(pids: list[int], seconds: float = 10.0) -> float | None:
+    """RSS once it stops moving (forgets arrive asynchronously)."""
+    last, stable = rss_mib(pids), 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and stable < 3:
+        time.sleep(0.25)
+        cur = rss_mib(pids)
+        stable = stable + 1 if cur == last else 0
+        last = cur
+    return last
+
+
+def run_memory(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        if not m.pids:
+            raise StepError("cannot find the daemon process of the mount")
+        idle = _settled_rss(m.pids, 3)
+        v = ctx.child(m, "walk", path=str(m.path / "mem"))
+        walked = _settled_rss(m.pids, 3)
+        drop_caches(2)
+        forgot = _settled_rss(m.pids, 15)
+    if None in (idle, walked, forgot):
+        raise StepError("the daemon process went away during the walk")
+    return {"mem_walk": v["s"], "rss_idle": idle, "rss_walk": walked, "rss_forget": forgot}
+
+
+RUNNERS = {"read": run_read, "stat": run_stat, "find": run_find, "ls": run_ls,
+           "lookup": run_lookup, "copyup": run_copyup, "small": run_small, "job": run_job,
+           "memory": run_memory}
+
+
+def applies(workload: str, backend: str) -> bool:
+    return workload != "memory" or backend in ("fuse-overlayfs", "cowfs")
+
+
+__all__ = ["Ctx", "StepError", "MountError", "RUNNERS", "applies", "drop_caches"]
