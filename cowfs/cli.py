@@ -110,12 +110,8 @@ def _command_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="leave the demo mounted")
     d.set_defaults(func=_cmd_demo)
 
-    try:
-        from .image.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    from .image.cli import add_commands  # only subcommands pay for importing it
+    add_commands(sub)
     return p
 
 

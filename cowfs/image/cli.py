@@ -1,0 +1,257 @@
+"""The `cowfs image`, `cowfs diff` and `cowfs commit` subcommands."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+
+from ..options import UsageError, is_mounted, parse_mount_options, validate
+from ..state import find_mount
+from .changes import diff
+from .commit import append_image, write_layer
+from .errors import ImageError
+from .oci import open_source
+from .store import Store, human_size
+
+
+def _store(ns: argparse.Namespace) -> Store:
+    return Store(ns.store)
+
+
+def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """ImageError (a failed operation, not a bad argument) -> message, exit 1."""
+    def run(ns: argparse.Namespace) -> int:
+        try:
+            return func(ns)
+        except ImageError as e:
+            print(f"cowfs: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
+def _warn(msg: str) -> None:
+    print(f"cowfs: warning: {msg}", file=sys.stderr)
+
+
+# -- image import / ls / rm / mount -----------------------------------------------
+
+def cmd_import(ns: argparse.Namespace) -> int:
+    src = open_source(ns.source)
+    try:
+        summary = _store(ns).import_image(src, ns.name,
+                                          progress=False if ns.quiet else None)
+    finally:
+        src.close()
+    for w in summary.warnings:
+        _warn(w)
+    print(summary)
+    return 0
+
+
+def cmd_ls(ns: argparse.Namespace) -> int:
+    store = _store(ns)
+    rows = [("NAME", "ID", "LAYERS", "SIZE", "IMPORTED")]
+    for rec in store.images():
+        size = sum((store.layer_info(d) or {}).get("file_bytes", 0) for d in set(rec["layers"]))
+        rows.append((rec["name"], rec["id"][7:19], str(len(rec["layers"])),
+                     human_size(size), rec.get("imported", "")))
+    _table(rows)
+    containers = store.containers()
+    if containers:
+        print()
+        _table([("CONTAINER", "IMAGE", "UPPER", "MOUNTPOINT")] +
+               [(c["id"], c["image"], c["upper"], c["mountpoint"]) for c in containers])
+    if ns.layers:
+        print()
+        used = store.layers_in_use()
+        _table([("LAYER", "SIZE", "USED BY")] +
+               [(d[7:19], human_size((store.layer_info(d) or {}).get("file_bytes", 0)),
+                 used.get(d, "-")) for d in store.layer_ids()])
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_rm(ns: argparse.Namespace) -> int:
+    store = _store(ns)
+    for ref in ns.refs:
+        print(f"removed {store.remove(ref)}")
+    deleted, used = store.prune_layers()
+    print(f"deleted {len(deleted)} unused layer(s); {len(used)} still in use")
+    return 0
+
+
+def cmd_mount(ns: argparse.Namespace) -> int:
+    store = _store(ns)
+    image = store.image(ns.image)
+    lowers = store.lower_dirs(image)
+    if not lowers:  # an image with no layers still needs one lower
+        store.ensure()
+        lowers = [os.path.join(store.root, "empty")]
+        os.makedirs(lowers[0], exist_ok=True)
+    mnt = os.path.abspath(ns.mountpoint)
+    if not os.path.isdir(mnt):
+        raise UsageError(f"mountpoint '{mnt}' does not exist")
+    if is_mounted(mnt):
+        raise UsageError(f"mountpoint '{mnt}' is already mounted")
+    container = store.new_container(image, ns.upper, mnt)
+    opts = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in lowers) +
+            f",upperdir={container['upper']},workdir={container['work']}", *ns.opts]
+    cfg = parse_mount_options(opts, mnt)
+    validate(cfg)
+    try:
+        from ..daemon import mount
+    except ImportError as e:
+        raise ImageError(f"the cowfs filesystem is not available ({e})") from None
+    rc = mount(cfg, foreground=ns.foreground)
+    if rc == 0 and not ns.foreground:
+        print(f"mounted {image['name']} at {mnt} (container {container['id']}, "
+              f"upper {container['upper']})")
+    return rc
+
+
+# -- diff / commit --------------------------------------------------------------
+
+def _mountinfo_overlay(mnt: str) -> tuple[str, list[str]] | None:
+    """upperdir and lowerdirs of a kernel overlay mount, from /proc/self/mountinfo."""
+    real = os.path.realpath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) != real or "-" not in fields:
+                continue
+            sep = fields.index("-")
+            if fields[sep + 1] != "overlay":
+                continue
+            opts: dict[str, str] = {}
+            for item in fields[sep + 3].split(","):
+                key, _, value = item.partition("=")
+                opts[key] = _unescape(value)
+            if "upperdir" not in opts:
+                return None
+            lowers = [p.replace("\0", ":") for p in
+                      opts.get("lowerdir", "").replace("\\:", "\0").split(":") if p]
+            return opts["upperdir"], lowers
+    return None
+
+
+def _unescape(s: str) -> str:
+    return s.encode().decode("unicode_escape").encode("latin-1").decode(
+        "utf-8", "surrogateescape")
+
+
+def resolve_layers(target: str, lowers: list[str] | None, store: Store) -> tuple[str, list[str]]:
+    """(upper, lowers top first) for `cowfs diff/commit TARGET`: a cowfs or kernel
+    overlay mount point, or an upper dir with --lower or with a known mount."""
+    if not os.path.isdir(target):
+        raise UsageError(f"'{target}' is not a directory")
+    if lowers:
+        return target, lowers
+    if is_mounted(target):
+        rec = find_mount(target)
+        if rec is not None:
+            if not rec.get("upperdir"):
+                raise UsageError(f"{target} is a read-only mount: it has no upper dir")
+            return rec["upperdir"], rec["lowerdirs"]
+        found = _mountinfo_overlay(target)
+        if found is not None:
+            return found
+        raise UsageError(f"{target} is mounted, but not by cowfs or overlayfs with an upper dir")
+    container = store.container_for_upper(target)
+    if container is not None:
+        return target, [store.layer_root(d) for d in reversed(container["layers"])]
+    raise UsageError(f"cannot tell which layers are below '{target}': give a mount point, "
+                     "or --lower DIR (repeat, top layer first)")
+
+
+def cmd_diff(ns: argparse.Namespace) -> int:
+    upper, lowers = resolve_layers(ns.target, ns.lower, _store(ns))
+    out = sys.stdout.buffer
+    for change in diff(upper, lowers):
+        out.write(change.kind.encode() + b" " + change.path + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_commit(ns: argparse.Namespace) -> int:
+    if not ns.output and not ns.image:
+        raise UsageError("commit needs -o LAYER.tar[.gz|.zst], --image DIR:TAG, or both")
+    store = _store(ns)
+    upper, lowers = resolve_layers(ns.target, ns.lower, store)
+    with tempfile.TemporaryDirectory(prefix="cowfs-commit-") as tmp:
+        out = ns.output or os.path.join(tmp, "layer.tar.gz")
+        layer = write_layer(upper, lowers, out)
+        print(f"digest: {layer.digest}")
+        print(f"diff_id: {layer.diff_id}")
+        if ns.image:
+            base = store.image_for_lowers(lowers)
+            if base is None:
+                _warn("the layers below are not an imported image: "
+                      "the new image holds only the committed layer")
+            comment = ns.message or f"cowfs commit {datetime.date.today().isoformat()}"
+            manifest = append_image(ns.image, layer, base, comment)
+            print(f"image: {ns.image} manifest {manifest}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    store_help = "the layer store (default: $COWFS_STORE, /var/lib/cowfs as root, " \
+                 "else ~/.local/share/cowfs)"
+
+    def with_store(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--store", metavar="DIR", help=store_help)
+        return p
+
+    img = subparsers.add_parser("image", help="container images: import, ls, rm, mount")
+    isub = img.add_subparsers(dest="image_command", required=True)
+
+    p = with_store(isub.add_parser(
+        "import", help="import an OCI layout (DIR[:TAG]) or a docker save archive"))
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--name", help="store the image under this name")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_guard(cmd_import))
+
+    p = with_store(isub.add_parser("ls", help="list images and containers"))
+    p.add_argument("--layers", action="store_true", help="also list layers and their users")
+    p.set_defaults(func=_guard(cmd_ls))
+
+    p = with_store(isub.add_parser(
+        "rm", help="remove images or containers; layers go when nothing uses them"))
+    p.add_argument("refs", nargs="*", metavar="IMAGE|CONTAINER")
+    p.set_defaults(func=_guard(cmd_rm))
+
+    p = with_store(isub.add_parser("mount", help="mount an image with a writable upper dir"))
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("--upper", metavar="DIR",
+                   help="upper dir to use (default: a fresh one in the store); "
+                        "the work dir goes beside it")
+    p.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS")
+    p.add_argument("-f", "--foreground", action="store_true")
+    p.set_defaults(func=_guard(cmd_mount))
+
+    def layer_args(p: argparse.ArgumentParser) -> None:
+        with_store(p)
+        p.add_argument("target", metavar="MNT|UPPER")
+        p.add_argument("--lower", action="append", metavar="DIR",
+                       help="a layer below UPPER; repeat, top layer first")
+
+    p = subparsers.add_parser("diff", help="list changes (A/C/D) against the layers below")
+    layer_args(p)
+    p.set_defaults(func=_guard(cmd_diff))
+
+    p = subparsers.add_parser("commit", help="write the changes as an OCI layer tarball")
+    layer_args(p)
+    p.add_argument("-o", "--output", metavar="LAYER.tar[.gz|.zst]")
+    p.add_argument("--image", metavar="DIR:TAG",
+                   help="also add an image (the base image + this layer) to an OCI layout")
+    p.add_argument("-m", "--message", help="history comment for --image")
+    p.set_defaults(func=_guard(cmd_commit))

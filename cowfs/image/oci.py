@@ -1,0 +1,362 @@
+"""Reading images: OCI image layouts and `docker save` archives.
+
+Every blob is checked against its sha256: small JSON blobs when read, layers
+while they stream through the unpacker (see `VerifiedLayerStream`).
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import zstandard
+
+from .errors import ImageError
+
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+# What a corrupt blob raises from the decompressors and the tar reader.
+DECODE_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, tarfile.TarError)
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_digest(digest: object, what: str) -> str:
+    """A sha256 digest string, validated before it ever becomes part of a path."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ImageError(f"{what}: unsupported or malformed digest {digest!r}")
+    return digest
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _mismatch(what: str, expected: str, got: str) -> ImageError:
+    return ImageError(f"{what}: sha256 mismatch (expected {expected}, got {got}); "
+                      "the image is corrupt or was tampered with")
+
+
+def verified_json(data: bytes, digest: str | None, what: str) -> dict:
+    if digest is not None and sha256_digest(data) != digest:
+        raise _mismatch(what, digest, sha256_digest(data))
+    try:
+        value = json.loads(data)
+    except ValueError as e:
+        raise ImageError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ImageError(f"{what}: expected a JSON object")
+    return value
+
+
+class HashingReader(io.RawIOBase):
+    """Passes a stream through while hashing it and counting its bytes."""
+
+    def __init__(self, raw: BinaryIO, progress: Callable[[int], object] | None = None) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.count += n
+        if self.progress is not None and n:
+            self.progress(n)
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+@dataclass
+class LayerRef:
+    """One layer of an image, as the manifest and the config describe it."""
+    what: str                       # the blob, as messages name it
+    diff_id: str                    # sha256 of the uncompressed tar (from the config)
+    digest: str | None              # sha256 of the blob itself, when the source names it
+    media_type: str
+    size: int | None
+    opener: Callable[[], BinaryIO]
+
+
+class VerifiedLayerStream:
+    """A layer blob decompressed (gzip, zstd or none, by magic) while both the
+    blob and the tar are hashed; `verify()` after reading checks both digests."""
+
+    def __init__(self, layer: LayerRef, progress: Callable[[int], object] | None = None) -> None:
+        self.layer = layer
+        self._raw = layer.opener()
+        self.blob = HashingReader(self._raw, progress)
+        buffered = io.BufferedReader(self.blob, 1 << 16)
+        magic = buffered.peek(4)[:4]
+        if magic[:2] == b"\x1f\x8b":
+            inner: BinaryIO = gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
+        elif magic == b"\x28\xb5\x2f\xfd":
+            inner = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
+                buffered, read_across_frames=True)
+        else:
+            inner = buffered  # type: ignore[assignment]
+        self.tar = HashingReader(inner)
+
+    def open_tar(self) -> tarfile.TarFile:
+        return tarfile.open(fileobj=self.tar, mode="r|")  # type: ignore[arg-type]
+
+    def check_blob(self) -> None:
+        """Hash the rest of the blob; raise if it is not the one the manifest names."""
+        self.blob.drain()
+        if self.layer.digest is not None and self.blob.digest != self.layer.digest:
+            raise _mismatch(self.layer.what, self.layer.digest, self.blob.digest)
+
+    def failed(self, e: BaseException) -> ImageError:
+        """The error to report when unpacking broke: a corrupt blob shows up as
+        a broken tar or stream, so name the digest mismatch if that is the cause."""
+        with contextlib.suppress(Exception):
+            self.check_blob()
+        if isinstance(e, ImageError):
+            return e
+        return ImageError(f"{self.layer.what}: cannot unpack ({e})")
+
+    def verify(self) -> None:
+        """Read what the tar reader left, then check the blob and the diff_id."""
+        try:
+            self.tar.drain()
+        except DECODE_ERRORS as e:
+            raise self.failed(e) from None
+        self.check_blob()
+        if self.tar.digest != self.layer.diff_id:
+            raise _mismatch(f"{self.layer.what} (uncompressed)", self.layer.diff_id,
+                            self.tar.digest)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+@dataclass
+class ImageSource:
+    """An image ready to import: its verified manifest and config, its layers."""
+    kind: str                       # "oci" or "docker-archive"
+    path: str
+    name: str                       # suggested store name
+    manifest: dict
+    config: bytes
+    config_digest: str
+    layers: list[LayerRef]          # bottom layer first, as in the manifest
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for c in self._closers:
+            c()
+
+
+def split_ref(spec: str) -> tuple[str, str | None]:
+    """'DIR:TAG' -> (DIR, TAG); a spec that exists as a path has no tag."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, None
+    path, _, tag = spec.rpartition(":")
+    return path, tag or None
+
+
+def open_source(spec: str) -> ImageSource:
+    path, tag = split_ref(spec)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "index.json")):
+            raise ImageError(f"{path}: not an OCI image layout (no index.json)")
+        return _open_oci_layout(path, tag)
+    if os.path.isfile(path):
+        return _open_docker_archive(path, tag)
+    raise ImageError(f"{spec}: no such image layout or archive")
+
+
+def _diff_ids(config: dict, n_layers: int, what: str) -> list[str]:
+    ids = config.get("rootfs", {}).get("diff_ids")
+    if not isinstance(ids, list) or len(ids) != n_layers:
+        raise ImageError(f"{what}: rootfs.diff_ids does not list one id per layer")
+    return [check_digest(d, f"{what} diff_id") for d in ids]
+
+
+def _host_platform() -> tuple[str, str]:
+    machine = platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
+        machine, machine)
+    return "linux", arch
+
+
+# -- OCI image layout ---------------------------------------------------------
+
+def _blob_path(layout: str, digest: str) -> str:
+    return os.path.join(layout, "blobs", "sha256", digest.split(":", 1)[1])
+
+
+def _read_blob(layout: str, desc: dict, what: str) -> dict:
+    digest = check_digest(desc.get("digest"), what)
+    try:
+        with open(_blob_path(layout, digest), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{what}: blob {digest} is missing from {layout}") from None
+    return verified_json(data, digest, f"{what} {digest}")
+
+
+def _select(descs: list[dict], tag: str | None, layout: str) -> dict:
+    if tag is not None:
+        hits = [d for d in descs if d.get("annotations", {}).get(REF_NAME) == tag]
+        if not hits:
+            tags = sorted({d.get("annotations", {}).get(REF_NAME, "") for d in descs} - {""})
+            raise ImageError(f"{layout}: no image tagged {tag!r} "
+                             f"(tags: {', '.join(tags) or 'none'})")
+        return hits[-1]
+    if len(descs) != 1:
+        tags = sorted({d.get("annotations", {}).get(REF_NAME, "?") for d in descs})
+        raise ImageError(f"{layout} holds {len(descs)} images; pick one as "
+                         f"{layout}:TAG (tags: {', '.join(tags)})")
+    return descs[0]
+
+
+def _resolve_manifest(layout: str, desc: dict, what: str) -> tuple[dict, dict]:
+    """Follow image indexes (multi-platform) down to one manifest for this host."""
+    for _ in range(4):
+        doc = _read_blob(layout, desc, what)
+        mt = desc.get("mediaType") or doc.get("mediaType")
+        if mt not in (MT_OCI_INDEX, MT_DOCKER_LIST) and "manifests" not in doc:
+            return desc, doc
+        os_, arch = _host_platform()
+        hits = [d for d in doc.get("manifests", [])
+                if d.get("platform", {}).get("os", os_) == os_
+                and d.get("platform", {}).get("architecture", arch) == arch]
+        if not hits:
+            raise ImageError(f"{what}: no manifest for {os_}/{arch}")
+        desc = hits[0]
+    raise ImageError(f"{what}: image indexes nested too deeply")
+
+
+def _open_oci_layout(layout: str, tag: str | None) -> ImageSource:
+    with open(os.path.join(layout, "index.json"), "rb") as f:
+        index = verified_json(f.read(), None, f"{layout}/index.json")
+    desc = _select(index.get("manifests", []), tag, layout)
+    ref = desc.get("annotations", {}).get(REF_NAME, tag or "latest")
+    desc, manifest = _resolve_manifest(layout, desc, f"{layout} manifest")
+    cdesc = manifest.get("config", {})
+    cdigest = check_digest(cdesc.get("digest"), f"{layout} config")
+    try:
+        with open(_blob_path(layout, cdigest), "rb") as f:
+            config_bytes = f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{layout}: config blob {cdigest} is missing") from None
+    config = verified_json(config_bytes, cdigest, f"config blob {cdigest}")
+    ldescs = manifest.get("layers", [])
+    diff_ids = _diff_ids(config, len(ldescs), f"config blob {cdigest}")
+    layers = []
+    for ld, diff_id in zip(ldescs, diff_ids):
+        digest = check_digest(ld.get("digest"), f"{layout} layer")
+        p = _blob_path(layout, digest)
+        if not os.path.isfile(p):
+            raise ImageError(f"{layout}: layer blob {digest} is missing")
+        layers.append(LayerRef(what=f"layer blob {digest}", diff_id=diff_id, digest=digest,
+                               media_type=ld.get("mediaType", MT_OCI_LAYER),
+                               size=ld.get("size"),
+                               opener=lambda p=p: open(p, "rb")))
+    name = ref if (":" in ref or "/" in ref) else \
+        f"{os.path.basename(os.path.abspath(layout))}:{ref}"
+    return ImageSource("oci", os.path.abspath(layout), name, manifest, config_bytes,
+                       cdigest, layers)
+
+
+# -- docker save archives -----------------------------------------------------
+
+def _open_docker_archive(path: str, tag: str | None) -> ImageSource:
+    try:
+        tf = tarfile.open(path, "r:*")
+    except tarfile.TarError as e:
+        raise ImageError(f"{path}: not an image archive ({e})") from None
+    try:
+        return _docker_archive(tf, path, tag)
+    except BaseException:
+        tf.close()
+        raise
+
+
+def _member_bytes(tf: tarfile.TarFile, name: str, what: str) -> bytes:
+    try:
+        f = tf.extractfile(name)
+    except KeyError:
+        f = None
+    if f is None:
+        raise ImageError(f"{what}: {name!r} is missing from the archive")
+    return f.read()
+
+
+def _docker_archive(tf: tarfile.TarFile, path: str, tag: str | None) -> ImageSource:
+    raw = _member_bytes(tf, "manifest.json", path)
+    try:
+        entries = json.loads(raw)
+    except ValueError as e:
+        raise ImageError(f"{path}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ImageError(f"{path}: manifest.json lists no image")
+    if tag is not None:
+        hits = [e for e in entries
+                if any(t == tag or t.endswith(":" + tag) for t in e.get("RepoTags") or [])]
+        if not hits:
+            raise ImageError(f"{path}: no image tagged {tag!r}")
+        entry = hits[0]
+    elif len(entries) == 1:
+        entry = entries[0]
+    else:
+        raise ImageError(f"{path} holds {len(entries)} images; pick one as {path}:TAG")
+    cname = entry.get("Config", "")
+    config_bytes = _member_bytes(tf, cname, path)
+    # The config is named by its digest: blobs/sha256/HEX (docker 25+) or HEX.json.
+    hexname = os.path.basename(cname).removesuffix(".json")
+    cdigest = sha256_digest(config_bytes)
+    if re.fullmatch(r"[0-9a-f]{64}", hexname) and cdigest != "sha256:" + hexname:
+        raise _mismatch(f"config {cname}", "sha256:" + hexname, cdigest)
+    config = verified_json(config_bytes, None, f"config {cname}")
+    lnames = entry.get("Layers", [])
+    diff_ids = _diff_ids(config, len(lnames), f"config {cname}")
+    layers = []
+    for lname, diff_id in zip(lnames, diff_ids):
+        base = os.path.basename(lname)
+        digest = "sha256:" + base if re.fullmatch(r"[0-9a-f]{64}", base) else None
+        try:
+            member = tf.getmember(lname)
+        except KeyError:
+            raise ImageError(f"{path}: layer {lname!r} is missing from the archive") from None
+        layers.append(LayerRef(what=f"layer {lname}", diff_id=diff_id, digest=digest,
+                               media_type=MT_OCI_LAYER, size=None,
+                               opener=lambda m=member: tf.extractfile(m)))  # type: ignore
+    repo_tags = entry.get("RepoTags") or []
+    name = repo_tags[0] if repo_tags else \
+        f"{os.path.basename(path).split('.')[0]}:{tag or 'latest'}"
+    manifest = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+                "config": {"mediaType": MT_OCI_CONFIG, "digest": cdigest,
+                           "size": len(config_bytes)},
+                "layers": [{"mediaType": MT_OCI_LAYER, "digest": lr.digest or lr.diff_id}
+                           for lr in layers]}
+    return ImageSource("docker-archive", os.path.abspath(path), name, manifest, config_bytes,
+                       cdigest, layers, [tf.close])

@@ -1,0 +1,212 @@
+"""Helpers for the image tests: tar layers, OCI layouts and docker archives built
+in the test, umoci, and tree snapshots to compare a mount with an unpacked image."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+UMOCI = shutil.which("umoci")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+needs_umoci = pytest.mark.skipif(UMOCI is None, reason="umoci is not installed")
+COWFS = [sys.executable, "-m", "cowfs"]
+MTIME = 1_700_000_000
+
+Member = tuple[tarfile.TarInfo, bytes | None]
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = None, mode: int = 0o644,
+           uid: int = 0, gid: int = 0, mtime: float = MTIME, linkname: str = "",
+           xattrs: dict[str, bytes] | None = None, dev: tuple[int, int] = (0, 0)) -> Member:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.linkname = kind, mode, uid, gid, mtime, linkname
+    ti.devmajor, ti.devminor = dev
+    for k, v in (xattrs or {}).items():
+        ti.pax_headers["SCHILY.xattr." + k] = v.decode("utf-8", "surrogateescape")
+    if data is not None:
+        ti.size = len(data)
+    return ti, data
+
+
+def file(name: str, data: bytes = b"", **kw: object) -> Member:
+    return member(name, tarfile.REGTYPE, data, **kw)  # type: ignore[arg-type]
+
+
+def directory(name: str, mode: int = 0o755, **kw: object) -> Member:
+    return member(name, tarfile.DIRTYPE, mode=mode, **kw)  # type: ignore[arg-type]
+
+
+def symlink(name: str, target: str) -> Member:
+    return member(name, tarfile.SYMTYPE, mode=0o777, linkname=target)
+
+
+def hardlink(name: str, target: str) -> Member:
+    return member(name, tarfile.LNKTYPE, linkname=target)
+
+
+def tar_bytes(members: list[Member]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def compress(data: bytes, how: str | None) -> bytes:
+    if how == "gzip":
+        return gzip.compress(data, mtime=0)
+    if how == "zstd":
+        return zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _blob(layout: Path, data: bytes) -> str:
+    d = sha(data)
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / d[7:]).write_bytes(data)
+    return d
+
+
+def write_layout(layout: Path, tag: str, layers: list[bytes],
+                 compression: str | None | list[str | None] = "gzip") -> dict:
+    """An OCI image layout with one more image tagged tag; returns its manifest."""
+    comps = compression if isinstance(compression, list) else [compression] * len(layers)
+    descs = []
+    for tar, comp in zip(layers, comps):
+        blob = compress(tar, comp)
+        mt = "application/vnd.oci.image.layer.v1.tar" + {"gzip": "+gzip", "zstd": "+zstd"}.get(
+            comp or "", "")
+        descs.append({"mediaType": mt, "digest": _blob(layout, blob), "size": len(blob)})
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layers]},
+                         "history": [{"created_by": f"layer {i}"} for i in range(len(layers))]
+                         }).encode()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": _blob(layout, config), "size": len(config)},
+                "layers": descs}
+    mbytes = json.dumps(manifest).encode()
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else \
+        {"schemaVersion": 2, "manifests": []}
+    index["manifests"].append({"mediaType": manifest["mediaType"], "digest": _blob(layout, mbytes),
+                               "size": len(mbytes),
+                               "annotations": {"org.opencontainers.image.ref.name": tag}})
+    index_path.write_text(json.dumps(index))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return manifest
+
+
+def write_docker_archive(path: Path, repo_tag: str, layers: list[bytes]) -> None:
+    """A `docker save` archive in the classic format (HEX.json, ID/layer.tar)."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers",
+                                    "diff_ids": [sha(t) for t in layers]}}).encode()
+    cname = sha(config)[7:] + ".json"
+    names = [f"{hashlib.sha256(str(i).encode()).hexdigest()}/layer.tar" for i in range(len(layers))]
+    manifest = json.dumps([{"Config": cname, "RepoTags": [repo_tag], "Layers": names}]).encode()
+    with tarfile.open(path, "w") as tf:
+        for name, data in [(cname, config), *zip(names, layers), ("manifest.json", manifest)]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def cowfs(*args: str, store: Path, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run([*COWFS, *args], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COWFS_STORE": str(store)})
+    if check and res.returncode != 0:
+        raise AssertionError(f"cowfs {' '.join(args)} failed ({res.returncode}):\n"
+                             f"{res.stdout}\n{res.stderr}")
+    return res
+
+
+def umoci(*args: str) -> None:
+    subprocess.run([UMOCI or "umoci", *args], check=True, capture_output=True)
+
+
+def umoci_unpack(image: str, bundle: Path) -> Path:
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    umoci("unpack", "--image", image, str(bundle))
+    return bundle / "rootfs"
+
+
+def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names
+                        if not n.startswith(("trusted.overlay.", "user.overlay."))))
+
+
+def snapshot(root: Path, dir_mtimes: bool = True) -> dict[str, tuple]:
+    """Everything a tree shows about itself, by path: type, mode, owner, mtime,
+    content, symlink target, device number, xattrs and hard-link groups."""
+    out: dict[str, dict] = {}
+    groups: dict[tuple[int, int], list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            rec: dict = {"mode": oct(st.st_mode), "owner": (st.st_uid, st.st_gid),
+                         "xattrs": _xattrs(p)}
+            if not stat.S_ISDIR(st.st_mode) or dir_mtimes:
+                rec["mtime"] = st.st_mtime_ns
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    rec["sha"] = hashlib.sha256(f.read()).hexdigest()[:16]
+                groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            elif stat.S_ISLNK(st.st_mode):
+                rec["target"] = os.readlink(p)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                rec["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            out[rel] = rec
+    for paths in groups.values():
+        if len(paths) > 1:
+            for p in paths:
+                out[p]["links"] = tuple(sorted(paths))
+    return {k: tuple(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def assert_same_tree(got: Path, want: Path, dir_mtimes: bool = True) -> None:
+    a, b = snapshot(got, dir_mtimes), snapshot(want, dir_mtimes)
+    diffs = [f"{k}:\n  got  {a.get(k)}\n  want {b.get(k)}"
+             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    assert not diffs, f"{got} differs from {want}:\n" + "\n".join(diffs[:20])
+
+
+def _mounted_below(path: Path) -> bool:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].startswith(prefix) for line in f)
+
+
+@pytest.fixture
+def scratch(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A scratch dir under /tmp/image-helper (the image tests' own corner of /tmp)."""
+    base = Path(os.environ.get("COWFS_IMAGE_TEST_DIR", "/tmp/image-helper"))
+    base.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=request.node.name[:40].replace("/", "_") + "-", dir=base))
+    yield d
+    if not _mounted_below(d):  # never delete through a mount that failed to go away
+        shutil.rmtree(d, ignore_errors=True)
