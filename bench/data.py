@@ -100,7 +100,10 @@ class Data:
                     layer.mkdir(parents=True, exist_ok=True)
                 getattr(self, f"_gen_{sub}")(ls)
                 self._mark(name, params)
-        os.sync()
+        try:
+            subprocess.run(["sync"], timeout=300)
+        except subprocess.TimeoutExpired:
+            pass
 
     @staticmethod
     def _note(progress, what: str) -> None:

@@ -199,8 +199,12 @@ class Runner:
                     for bname in order:
                         if (w, n, bname) not in steps:
                             continue
-                        progress.update(task, description=f"run {r + 1}/{self.cfg.repeat}  "
-                                        f"{w:<7} L={n:<3} {bname}")
+                        desc = f"run {r + 1}/{self.cfg.repeat}  {w:<7} L={n:<3} {bname}"
+                        progress.update(task, description=desc)
+                        if not progress.console.is_terminal:   # a log: one line a step
+                            done = int(progress.tasks[0].completed)
+                            print(f"bench: [{done + 1}/{progress.tasks[0].total:.0f}] {desc}",
+                                  file=sys.stderr, flush=True)
                         self.one(w, n, bname, r)
                         progress.advance(task)
 
@@ -342,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("preparing data", total=len(steps) * cfg.repeat)
-            runner.data.prepare(runner.data_needs(),
-                                lambda s: progress.update(task, description=s))
+            def note(s: str) -> None:
+                progress.update(task, description=s)
+                if not console.is_terminal:
+                    print(f"bench: {s}", file=sys.stderr, flush=True)
+            runner.data.prepare(runner.data_needs(), note)
             runner.run(progress, task)
             progress.update(task, description="done")
     except KeyboardInterrupt:

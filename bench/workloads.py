@@ -7,6 +7,7 @@ raises StepError; the runner records it and goes on with the next backend.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import subprocess
@@ -25,8 +26,27 @@ class StepError(Exception):
     pass
 
 
+def sync_all(timeout: float = 120.0) -> None:
+    """sync(1) in a child: a hung FUSE mount elsewhere on the machine must not hang us."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run(["sync"], timeout=timeout)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the scratch filesystem only (so one step's writeback doesn't bleed into
+    the next step's timing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
 def drop_caches(level: int) -> None:
-    os.sync()
+    sync_all()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write(f"{level}\n")
 
@@ -63,6 +83,7 @@ class Ctx:
 
     def child(self, m: Mounted, op: str, **kw) -> dict:
         spec = json.dumps({"op": op, **kw})
+        syncfs(self.data.root)
         proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -134,7 +155,7 @@ def _warm_big(ctx: Ctx) -> None:
     files = ctx.data.plain_big if ctx.backend.name == "plain" else ctx.data.big
     for p in files.values():
         ctx.data.warm_file(p)
-    os.sync()
+    sync_all()
 
 
 def run_copyup(ctx: Ctx) -> dict:
