@@ -14,6 +14,7 @@ from pathlib import Path
 
 from config import BACKENDS, METRICS, Config, Metric
 
+CLIP = (0.02, 500.0)   # chart x range for the ratio bars
 RATIOS = [("cowfs", "kernel"), ("cowfs", "fuse-overlayfs"), ("fuse-overlayfs", "kernel")]
 SHORT = {"plain": "plain", "kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "cowfs": "cowfs"}
 
@@ -166,9 +167,9 @@ def chart(path: Path, rows: list[dict], backends: list[str], title: str) -> bool
         return False
     colors = {"plain": "#999999", "fuse-overlayfs": "#1f77b4", "cowfs": "#d62728",
               "kernel": "#2ca02c"}
-    height = 1.2 + 0.32 * len(rel_rows) * max(1, len(others)) / 2 + \
+    height = 1.6 + 0.24 * len(rel_rows) * max(1, len(others)) / 1.5 + \
         (0.3 * len(mem_rows) + 1.2 if mem_rows else 0)
-    fig = plt.figure(figsize=(11, max(4.0, height)))
+    fig = plt.figure(figsize=(11, max(4.0, height)), layout="constrained")
     gs = fig.add_gridspec(2 if mem_rows else 1, 1,
                           height_ratios=[max(1, len(rel_rows)), max(1, len(mem_rows) / 1.5)]
                           if mem_rows else [1])
@@ -183,19 +184,21 @@ def chart(path: Path, rows: list[dict], backends: list[str], title: str) -> bool
                 k = (r["ratios"].get(f"{b}/kernel") or {}).get("median")
                 if k is None:
                     k = _cost(m, r["median"][b]) / _cost(m, r["median"]["kernel"])
-                xs.append(k)
+                xs.append(min(max(k, CLIP[0]), CLIP[1]))
                 ys.append(i + (j - (len(others) - 1) / 2) * bw)
         ax.barh(ys, xs, height=bw, color=colors.get(b, None), label=b)
     ax.axvline(1.0, color=colors["kernel"], lw=1.5, label="kernel overlayfs = 1")
     ax.set_xscale("log")
+    ax.set_xlim(left=CLIP[0] * 0.8)
     ax.set_yticks(range(len(rel_rows)))
     ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("cost relative to kernel overlayfs (time, 1/throughput; log scale; "
-                  "<1 is faster than the kernel)")
+    ax.set_ylim(len(rel_rows) - 0.5, -0.5)
+    ax.set_xlabel("cost relative to kernel overlayfs = time or 1/throughput ratio "
+                  "(log; <1 faster than the kernel)")
     ax.grid(axis="x", which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
+              frameon=False)
+    fig.suptitle(title, fontsize=10)
     if mem_rows:
         ax2 = fig.add_subplot(gs[1])
         fb = [b for b in backends if any(b in r["median"] for r in mem_rows)]
@@ -210,11 +213,11 @@ def chart(path: Path, rows: list[dict], backends: list[str], title: str) -> bool
         ax2.set_yticks(range(len(mem_rows)))
         ax2.set_yticklabels([f"{r['title'][:58]} [L={r['layers']}]" for r in mem_rows],
                             fontsize=7)
-        ax2.invert_yaxis()
+        ax2.set_ylim(len(mem_rows) - 0.5, -0.5)
         ax2.set_xlabel("daemon RSS, MiB")
         ax2.grid(axis="x", alpha=0.3)
-        ax2.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+        ax2.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
+                   frameon=False)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True

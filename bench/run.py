@@ -116,7 +116,7 @@ def machine_info(backends: dict) -> dict:
                        cpu)
     except (OSError, StopIteration):
         pass
-    fs = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(DEFAULT_ROOT.parent)],
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", str(DEFAULT_ROOT.parent)],
                         capture_output=True, text=True).stdout.strip()
     versions = {name: b.version() for name, b in backends.items() if name != "plain"}
     try:
