@@ -150,6 +150,7 @@ class Runner:
         self.status = {b: "ok" for b in self.backends}
         self.dead: dict[tuple[str, int], str] = {}   # (backend, n) -> why it is skipped
         self.live = None                # the mount being measured, for the safety net
+        self.timeouts: dict[str, int] = {}
 
     # -- the plan ---------------------------------------------------------------------
     def steps(self) -> list[tuple[str, int, str]]:
@@ -166,6 +167,10 @@ class Runner:
         for w, n, _ in self.steps():
             needs.setdefault(n, set()).update(SUBDIRS_BY_WORKLOAD[w])
         return needs
+
+    def _all_layer_counts(self) -> set[int]:
+        return set(self.cfg.layers + self.cfg.lookup_layers + self.cfg.copyup_layers +
+                   self.cfg.memory_layers)
 
     def _register(self, m) -> None:
         self.live = m
@@ -222,14 +227,18 @@ class Runner:
         except MountError as e:
             msg = f"mount failed: {e}"
             if isinstance(e, MountTimeout):   # a hanging mount: give up the backend
-                for nn in set(self.cfg.layers + self.cfg.lookup_layers +
-                              self.cfg.copyup_layers + self.cfg.memory_layers):
+                for nn in self._all_layer_counts():
                     self.dead[(bname, nn)] = msg
             self.dead[(bname, n)] = msg
             self.status[bname] = "mount failed"
             self.fail(w, n, bname, r, msg)
         except StepError as e:
             self.fail(w, n, bname, r, str(e))
+            if "timed out" in str(e):
+                self.timeouts[bname] = self.timeouts.get(bname, 0) + 1
+                if self.timeouts[bname] >= 2:     # a daemon that keeps hanging: give up
+                    for nn in self._all_layer_counts():
+                        self.dead[(bname, nn)] = "two steps timed out"
             if self.status[bname] == "ok":
                 self.status[bname] = "some steps failed"
         except OSError as e:
