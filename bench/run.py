@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write the RESULTS.md report here (default: bench/RESULTS.md on a "
                         "full run of everything, nowhere otherwise)")
     p.add_argument("--no-results-md", action="store_true", help="never write RESULTS.md")
+    p.add_argument("--profile", action="store_true",
+                   help="record the cowfs daemon with py-spy during every step (perturbs "
+                        "its timings; writes OUT/profiles/ and never RESULTS.md)")
     p.add_argument("--cowfs-python", default=sys.executable,
                    help="the python that runs `-m cowfs` (default: this one)")
     ns = p.parse_args(argv)
@@ -335,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = runner.cfg
     full = (not ns.quick and ns.backends == BACKENDS and ns.workloads == WORKLOADS
             and not ns.layers and not ns.lookup_layers)
-    results_md = None if ns.no_results_md else (ns.results_md or
+    if ns.profile:
+        from pyspy import py_spy
+        if py_spy() is None:
+            console.print("bench: --profile needs py-spy (pip install py-spy)", style="red")
+            return 2
+        Ctx.profile_dir = ns.out / "profiles"
+        shutil.rmtree(Ctx.profile_dir, ignore_errors=True)
+    results_md = None if ns.no_results_md or ns.profile else (ns.results_md or
                                                 (HERE / "RESULTS.md" if full else None))
     ns.out.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -406,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         write_results_md(results_md, meta, cfg, md, runner.failures, runner.status,
                          chart_name, elapsed)
         console.print(f"bench: wrote {results_md}")
+    if ns.profile and Ctx.profile_dir.is_dir():
+        from pyspy import summarize
+        text = summarize(sorted(Ctx.profile_dir.glob("*.txt")))
+        (Ctx.profile_dir / "summary.md").write_text(text)
+        console.print(f"bench: profile summary in {Ctx.profile_dir / 'summary.md'}")
     console.print(f"bench: results in {ns.out} ({elapsed:.0f}s)")
     return 130 if interrupted else 0
 

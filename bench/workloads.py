@@ -52,6 +52,8 @@ def drop_caches(level: int) -> None:
 
 
 class Ctx:
+    profile_dir: Path | None = None    # --profile: py-spy the cowfs daemon during steps
+
     def __init__(self, cfg: Config, data: Data, backend: Backend, n: int, workload: str,
                  register) -> None:
         self.cfg, self.data, self.backend, self.n = cfg, data, backend, n
@@ -81,14 +83,23 @@ class Ctx:
             if b.name != "plain" and is_mountpoint(m.path):
                 raise StepError(f"{m.path} is still mounted after umount")
 
-    def child(self, m: Mounted, op: str, **kw) -> dict:
+    def child(self, m: Mounted, op: str, tag: str | None = None, **kw) -> dict:
         spec = json.dumps({"op": op, **kw})
         syncfs(self.data.root)
+        rec = None
+        if self.profile_dir is not None and self.backend.name == "cowfs" and m.pids:
+            from pyspy import Recorder
+            rec = Recorder(m.pids[0], self.profile_dir /
+                           f"cowfs-{self.workload}-L{self.n}-{tag or op}.txt")
+            time.sleep(0.3)   # let py-spy attach
         proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = proc.communicate(spec, timeout=self.cfg.timeout)
         except subprocess.TimeoutExpired:
+            if rec is not None:
+                rec.stop()
+                rec = None
             m.hung = True          # the unmount kills the daemon first
             proc.kill()
             # If the child is stuck in a FUSE request, it gets free once the daemon dies.
@@ -98,6 +109,9 @@ class Ctx:
                 proc.communicate(timeout=30)
             raise StepError(f"{op}: no answer within {self.cfg.timeout:.0f}s "
                             "(timed out; mount torn down)") from None
+        finally:
+            if rec is not None:
+                rec.stop()
         try:
             res = json.loads(out.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
@@ -116,9 +130,9 @@ def _big(m: Mounted, name: str) -> str:
 
 def run_read(ctx: Ctx) -> dict:
     with ctx.mount() as m:
-        hot = ctx.child(m, "read", path=_big(m, "f_small"), warm=True)
+        hot = ctx.child(m, "read", "read-hot", path=_big(m, "f_small"), warm=True)
         drop_caches(3)
-        cold = ctx.child(m, "read", path=_big(m, "f_small"), warm=False)
+        cold = ctx.child(m, "read", "read-cold", path=_big(m, "f_small"), warm=False)
     return {"read_hot": hot["mibps"], "read_cold": cold["mibps"]}
 
 
@@ -138,7 +152,7 @@ def run_ls(ctx: Ctx) -> dict:
     out = {}
     for key, lstat in (("ls_first", False), ("ls_lstat_first", True)):
         with ctx.mount() as m:
-            v = ctx.child(m, "ls", path=str(m.path / "ls" / "dir"), lstat=lstat)
+            v = ctx.child(m, "ls", key, path=str(m.path / "ls" / "dir"), lstat=lstat)
         if v["entries"] != ctx.cfg.bigdir:
             raise StepError(f"listing shows {v['entries']} entries, expected {ctx.cfg.bigdir}")
         out[key] = v["ms"]
