@@ -46,6 +46,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
     try:
         overlay = Overlay(cfg)
         ops = CowfsOperations(overlay)
+        record_mount(cfg)
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except Exception as e:  # reported to the waiting parent, then exit
         msg = f"cowfs: cannot mount {cfg.mountpoint}: {e}"
@@ -55,7 +56,6 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
             os.write(ready_fd, msg.encode())
             os.close(ready_fd)
         return 1
-    record_mount(cfg)
     if ready_fd is not None:
         os.write(ready_fd, b"ok")
         os.close(ready_fd)

@@ -8,7 +8,9 @@ handed to the kernel.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import stat
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -93,3 +95,23 @@ def get_xattr_or_none(dir_fd: int, name: bytes, attr: str) -> bytes | None:
         return os.getxattr(xattr_path(dir_fd, name), attr, follow_symlinks=False)
     except OSError:
         return None
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+
+
+def renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
+    """renameat(2) with flags (RENAME_EXCHANGE, RENAME_WHITEOUT...), names in one dir fd each."""
+    if _libc.renameat2(old_fd, old, new_fd, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old, None, new)
+
+
+def make_whiteout(dir_fd: int, name: bytes) -> None:
+    """A kernel-form whiteout: character device 0/0, mode 0, as overlayfs makes it."""
+    os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)

@@ -21,9 +21,7 @@ KERNEL_FLAGS = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "no
 ACCEPTED = KERNEL_FLAGS | {"rw", "ro", "volatile", "auto", "noauto", "user", "nouser",
                            "users", "nofail", "_netdev", "defaults", "async", "sync",
                            "userxattr", "xino=off", "xino=auto", "xino=on",
-                           "index=off", "index=on", "redirect_dir=on", "metacopy=on",
-                           "metacopy=off", "redirect_dir=off", "redirect_dir=follow",
-                           "squash_to_root", "squash_to_uid", "squash_to_gid", "debug"}
+                           "index=off", "index=on", "squash_to_root", "squash_to_uid", "squash_to_gid", "debug"}
 VALUED_IGNORED = ("context", "fscontext", "defcontext", "rootcontext", "uidmapping",
                   "gidmapping", "timeout", "threaded", "fsync", "plugins",
                   "fast_ino", "noacl", "x-")
@@ -39,6 +37,8 @@ class MountConfig:
     volatile: bool = False
     kernel_flags: set[str] = field(default_factory=set)
     debug: bool = False
+    metacopy: bool = True       # chmod/chown/xattr of a lower file copy metadata only
+    redirect_dir: bool = True   # renaming a lower directory records a redirect
 
     @property
     def layer_paths(self) -> list[str]:
@@ -74,6 +74,10 @@ def parse_mount_options(opts: list[str], mountpoint: str) -> MountConfig:
             cfg.volatile = True
         elif key == "debug":
             cfg.debug = True
+        elif item in ("metacopy=on", "metacopy=off"):
+            cfg.metacopy = value == "on"
+        elif item in ("redirect_dir=on", "redirect_dir=off", "redirect_dir=follow"):
+            cfg.redirect_dir = value == "on"
         elif key in KERNEL_FLAGS:
             cfg.kernel_flags.add(key)
         elif item in ACCEPTED or key in ACCEPTED or key.startswith(VALUED_IGNORED):

@@ -18,6 +18,8 @@ def _state_file(mountpoint: str) -> str:
 
 
 def record_mount(cfg: MountConfig) -> None:
+    """Called before the mount is live: resolving the mountpoint afterwards would
+    ask this very daemon, which is not serving yet."""
     os.makedirs(STATE_DIR, exist_ok=True)
     data = {"mountpoint": cfg.mountpoint, "lowerdirs": cfg.lowerdirs,
             "upperdir": cfg.upperdir, "workdir": cfg.workdir, "pid": os.getpid()}

@@ -5,7 +5,6 @@ while they stream through the unpacker (see `VerifiedLayerStream`).
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -136,8 +135,12 @@ class VerifiedLayerStream:
     def failed(self, e: BaseException) -> ImageError:
         """The error to report when unpacking broke: a corrupt blob shows up as
         a broken tar or stream, so name the digest mismatch if that is the cause."""
-        with contextlib.suppress(Exception):
+        try:
             self.check_blob()
+        except ImageError as mismatch:
+            return mismatch
+        except Exception:  # an unreadable blob: report the first error
+            pass
         if isinstance(e, ImageError):
             return e
         return ImageError(f"{self.layer.what}: cannot unpack ({e})")

@@ -1,0 +1,249 @@
+"""Copy-up: bring a lower entry into the upper layer before it is changed.
+
+Every copy is built under workdir/work and renamed into place, so a crash
+mid-copy leaves nothing half-made in the upper layer (work/ is emptied at
+mount).  File data is copied in a worker thread so one large copy-up does not
+stall every other request; a per-inode lock makes concurrent writers share one
+copy-up.  With metacopy, metadata changes copy only metadata: the upper file is
+a sparse placeholder marked `overlay.metacopy`, and its data is copied on the
+first data write, in place, before the mark is removed.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from typing import TYPE_CHECKING
+
+import trio
+
+from .inodes import Node
+from .layers import entry_xattrs, lstat_at, open_file_at, renameat2
+from .whiteout import is_private_xattr, private_xattr_name
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
+
+FICLONE = 0x40049409
+CHUNK = 1 << 30
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Reflink if the filesystem can, else copy_file_range the data extents only,
+    so sparse files stay sparse."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY,
+                           errno.EBADF, errno.ENOSYS):
+            raise
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:   # only a hole remains
+                break
+            raise
+        end = min(os.lseek(src, data, os.SEEK_HOLE), size)
+        _copy_range(src, dst, data, end)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    off = start
+    while off < end:
+        try:
+            n = os.copy_file_range(src, dst, min(CHUNK, end - off), off, off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            buf = os.pread(src, min(1 << 20, end - off), off)
+            n = os.pwrite(dst, buf, off) if buf else 0
+        if n == 0:
+            break
+        off += n
+
+
+def _copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
+               fd: int | None, dir_fd: int, name: bytes) -> None:
+    """Owner, mode, xattrs and times of st onto the new entry (by fd or by name)."""
+    if fd is not None:
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        path: int | bytes = fd
+    else:
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+        path = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+    for key, value in xattrs.items():
+        try:
+            os.setxattr(path, key, value, follow_symlinks=isinstance(path, int))
+        except OSError as e:
+            # Some filesystems refuse some namespaces (e.g. user. on symlinks).
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    if fd is not None:
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd,
+                 follow_symlinks=False)
+
+
+def _public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
+    # Overlay-private xattrs belong to their layer (an opaque mark of a lower dir
+    # must not make the upper copy hide that very lower dir).
+    return {k: v for k, v in entry_xattrs(dir_fd, name).items() if not is_private_xattr(k)}
+
+
+def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
+    """Rename the finished copy into place and make node an upper node."""
+    assert node.parent is not None
+    pfd = ov.table.dir_fd(node.parent, 0)
+    os.rename(tmp, node.name, src_dir_fd=ov.work_fd, dst_dir_fd=pfd)
+    ov.numbers.keep(lstat_at(pfd, node.name), node.ino)
+    node.layer = 0
+    node.attr = None
+    node.gen += 1
+
+
+def ensure_upper_dir(ov: Overlay, node: Node) -> None:
+    """Copy a directory and all its ancestors up (metadata only: no contents)."""
+    if node.layer == 0:
+        return
+    assert node.parent is not None
+    ensure_upper_dir(ov, node.parent)
+    src_fd = ov.table.dir_fd(node.parent, node.layer)
+    st = lstat_at(src_fd, node.name)
+    xattrs = _public_xattrs(src_fd, node.name)
+    tmp = ov.tmp_name()
+    os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
+    _copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
+    _install(ov, node, tmp)
+    node.layers = (0,) + node.layers
+    node.lower_st = None
+
+
+async def copy_up(ov: Overlay, node: Node, data: bool = True) -> None:
+    """Make node live in the upper layer; data=False allows a metadata-only copy."""
+    if node.layer == 0 and not (data and node.metacopy):
+        return
+    ov.check_writable()
+    lock = ov.copy_lock(node)
+    try:
+        async with lock:
+            if node.layer == 0:
+                if data and node.metacopy:
+                    await _copy_up_data(ov, node)
+                return
+            if node.is_dir:
+                ensure_upper_dir(ov, node)
+                return
+            assert node.parent is not None
+            ensure_upper_dir(ov, node.parent)
+            if stat.S_ISREG(node.mode):
+                if not data and ov.metacopy:
+                    _copy_up_meta(ov, node)
+                else:
+                    await _copy_up_file(ov, node)
+            else:
+                _copy_up_special(ov, node)
+    finally:
+        ov.release_copy_lock(node)
+
+
+def _copy_up_special(ov: Overlay, node: Node) -> None:
+    assert node.parent is not None
+    src_fd = ov.table.dir_fd(node.parent, node.layer)
+    st = lstat_at(src_fd, node.name)
+    tmp = ov.tmp_name()
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(node.name, dir_fd=src_fd), tmp, dir_fd=ov.work_fd)
+    else:
+        os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ov.work_fd)
+    _copy_meta(ov, st, _public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
+    _install(ov, node, tmp)
+    node.lower_layer = None
+    node.lower_st = None
+
+
+def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
+    tmp = ov.tmp_name()
+    return tmp, open_file_at(ov.work_fd, tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+
+
+async def _copy_up_file(ov: Overlay, node: Node) -> None:
+    assert node.parent is not None
+    src_dir = ov.table.dir_fd(node.parent, node.layer)
+    src = open_file_at(src_dir, node.name, os.O_RDONLY)
+    try:
+        st = os.fstat(src)
+        xattrs = _public_xattrs(src_dir, node.name)
+        tmp, dst = _new_tmp_file(ov)
+        try:
+            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
+            _copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
+            if not ov.volatile:
+                await trio.to_thread.run_sync(os.fsync, dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    _install(ov, node, tmp)
+    node.lower_layer = None
+    node.lower_st = None
+
+
+def _copy_up_meta(ov: Overlay, node: Node) -> None:
+    """A sparse placeholder with the lower file's metadata and a metacopy mark."""
+    assert node.parent is not None
+    src_dir = ov.table.dir_fd(node.parent, node.layer)
+    st = lstat_at(src_dir, node.name)
+    tmp, dst = _new_tmp_file(ov)
+    try:
+        os.ftruncate(dst, st.st_size)
+        os.setxattr(dst, private_xattr_name(ov.euid, "metacopy"), b"")
+        _copy_meta(ov, st, _public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
+    finally:
+        os.close(dst)
+    _install(ov, node, tmp)
+    node.metacopy = True
+    node.lower_layer = node.lower_layer or node.layer
+
+
+async def _copy_up_data(ov: Overlay, node: Node) -> None:
+    """Fill a metacopy placeholder with its data, then drop the mark: until the
+    mark is gone (after fsync), reads still come from the lower file."""
+    assert node.parent is not None and node.lower_layer is not None
+    src = open_file_at(ov.table.dir_fd(node.parent, node.lower_layer), node.name, os.O_RDONLY)
+    try:
+        dst = open_file_at(ov.table.dir_fd(node.parent, 0), node.name, os.O_WRONLY)
+        try:
+            st = os.fstat(dst)
+            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if not ov.volatile:
+                await trio.to_thread.run_sync(os.fsync, dst)
+            os.removexattr(dst, private_xattr_name(ov.euid, "metacopy"))
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    node.metacopy = False
+    node.lower_layer = None
+    node.gen += 1
+
+
+def replace_with(ov: Overlay, dir_fd: int, name: bytes, tmp: bytes) -> None:
+    """Atomically put work/tmp at dir_fd/name, swapping out whatever is there
+    (a whiteout, a directory) and removing it afterwards."""
+    renameat2(ov.work_fd, tmp, dir_fd, name, 2)
+    st = lstat_at(ov.work_fd, tmp)
+    if stat.S_ISDIR(st.st_mode):
+        os.rmdir(tmp, dir_fd=ov.work_fd)
+    else:
+        os.unlink(tmp, dir_fd=ov.work_fd)

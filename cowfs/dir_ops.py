@@ -1,0 +1,359 @@
+"""Directory operations: create, delete, link and rename in the merged view.
+
+Everything lands in the upper layer the way overlayfs puts it there: deleting a
+name that a lower layer has leaves a whiteout; a directory made where a lower
+one was deleted is opaque; a moved lower directory carries a redirect to where
+its lower contents are.  Replacing anything that is already in the upper layer
+goes through workdir/work and an atomic rename.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from typing import TYPE_CHECKING
+
+from .copyup import copy_up, ensure_upper_dir, replace_with
+from .file import Handle, attach
+from .inodes import Node
+from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_at,
+                     lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
+from .lookup import lookup, lower_entry, lower_path
+from .readdir import merged_names
+from .whiteout import WH_PREFIX, is_whiteout_stat, private_xattr_name
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
+
+NAME_MAX = 255
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    if name.startswith(WH_PREFIX):
+        raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
+
+
+def _whited_out(ov: Overlay, ufd: int, name: bytes) -> bool:
+    """Is there a whiteout at name in the upper directory ufd?"""
+    st = lstat_or_none(ufd, name)
+    if st is not None:
+        return is_whiteout_stat(st)
+    return ov.wh_fallback and lstat_or_none(ufd, WH_PREFIX + name) is not None
+
+
+def _prepare_new(ov: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
+    """Check that name may be created; return the upper dir fd and whether a
+    whiteout must be replaced."""
+    ov.check_writable()
+    check_name(name)
+    if lookup(ov, parent, name) is not None:
+        raise OSError(errno.EEXIST, "exists")
+    ensure_upper_dir(ov, parent)
+    ufd = ov.table.dir_fd(parent, 0)
+    return ufd, _whited_out(ov, ufd, name)
+
+
+def _owner(ov: Overlay, parent: Node, uid: int, gid: int) -> tuple[int, int]:
+    """Owner for a new entry: the caller, with the parent's group if it is setgid."""
+    if ov.euid != 0:
+        return -1, -1
+    pst = lstat_at(*_self_ref(ov, parent))
+    return uid, (-1 if pst.st_mode & stat.S_ISGID else gid)
+
+
+def _self_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
+    if node.parent is None:
+        return ov.layers[0].fd, b"."  # type: ignore[union-attr]
+    return ov.table.dir_fd(node.parent, 0), node.name
+
+
+def _place(ov: Overlay, ufd: int, name: bytes, covered: bool, make) -> None:
+    """Create an entry with make(dir_fd, name): directly, or over a whiteout by
+    building it in work/ and swapping it in."""
+    if not covered:
+        make(ufd, name)
+        return
+    tmp = ov.tmp_name()
+    make(ov.work_fd, tmp)
+    if ov.wh_fallback and lstat_or_none(ufd, name) is None:
+        os.rename(tmp, name, src_dir_fd=ov.work_fd, dst_dir_fd=ufd)
+        os.unlink(WH_PREFIX + name, dir_fd=ufd)
+    else:
+        replace_with(ov, ufd, name, tmp)
+
+
+def _new_node(ov: Overlay, parent: Node, name: bytes) -> Node:
+    node = lookup(ov, parent, name)
+    if node is None:
+        raise OSError(errno.EIO, "created entry vanished")
+    return node
+
+
+def create(ov: Overlay, parent: Node, name: bytes, mode: int, flags: int,
+           uid: int, gid: int) -> tuple[Handle, Node]:
+    ufd, covered = _prepare_new(ov, parent, name)
+    owner = _owner(ov, parent, uid, gid)
+    fds: list[int] = []
+
+    def make(dfd: int, n: bytes) -> None:
+        fd = open_file_at(dfd, n, os.O_CREAT | os.O_EXCL | os.O_RDWR, stat.S_IMODE(mode))
+        fds.append(fd)
+        os.fchown(fd, *owner)
+
+    _place(ov, ufd, name, covered, make)
+    node = _new_node(ov, parent, name)
+    return attach(node, fds[0]), node
+
+
+def mkdir(ov: Overlay, parent: Node, name: bytes, mode: int, uid: int, gid: int) -> Node:
+    ufd, covered = _prepare_new(ov, parent, name)
+    owner = _owner(ov, parent, uid, gid)
+
+    def make(dfd: int, n: bytes) -> None:
+        os.mkdir(n, stat.S_IMODE(mode), dir_fd=dfd)
+        os.chown(n, *owner, dir_fd=dfd, follow_symlinks=False)
+        if covered:
+            # Over a deleted lower name: the new directory must not show its contents.
+            os.setxattr(xattr_path(dfd, n), private_xattr_name(ov.euid, "opaque"), b"y",
+                        follow_symlinks=False)
+
+    _place(ov, ufd, name, covered, make)
+    return _new_node(ov, parent, name)
+
+
+def mknod(ov: Overlay, parent: Node, name: bytes, mode: int, rdev: int,
+          uid: int, gid: int) -> Node:
+    if stat.S_ISCHR(mode) and rdev == 0:
+        # A 0/0 character device is a whiteout: it would hide itself.
+        raise OSError(errno.EPERM, "0/0 character devices are whiteouts")
+    ufd, covered = _prepare_new(ov, parent, name)
+    owner = _owner(ov, parent, uid, gid)
+
+    def make(dfd: int, n: bytes) -> None:
+        os.mknod(n, mode, rdev, dir_fd=dfd)
+        os.chown(n, *owner, dir_fd=dfd, follow_symlinks=False)
+
+    _place(ov, ufd, name, covered, make)
+    return _new_node(ov, parent, name)
+
+
+def symlink(ov: Overlay, parent: Node, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+    ufd, covered = _prepare_new(ov, parent, name)
+    owner = _owner(ov, parent, uid, gid)
+
+    def make(dfd: int, n: bytes) -> None:
+        os.symlink(target, n, dir_fd=dfd)
+        os.chown(n, *owner, dir_fd=dfd, follow_symlinks=False)
+
+    _place(ov, ufd, name, covered, make)
+    return _new_node(ov, parent, name)
+
+
+async def link(ov: Overlay, node: Node, new_parent: Node, new_name: bytes) -> Node:
+    if node.is_dir:
+        raise OSError(errno.EPERM, "hard link to a directory")
+    ov.check_writable()
+    check_name(new_name)
+    if lookup(ov, new_parent, new_name) is not None:
+        raise OSError(errno.EEXIST, "exists")
+    await copy_up(ov, node, data=True)
+    ensure_upper_dir(ov, new_parent)
+    ufd = ov.table.dir_fd(new_parent, 0)
+    assert node.parent is not None
+    src_fd, src_name = ov.table.dir_fd(node.parent, 0), node.name
+
+    def make(dfd: int, n: bytes) -> None:
+        os.link(src_name, n, src_dir_fd=src_fd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    _place(ov, ufd, new_name, _whited_out(ov, ufd, new_name), make)
+    node.unlinked = False
+    return node
+
+
+def _whiteout(ov: Overlay, ufd: int, name: bytes) -> None:
+    try:
+        make_whiteout(ufd, name)
+    except PermissionError:
+        if not ov.wh_fallback:
+            raise
+        os.close(open_file_at(ufd, WH_PREFIX + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+
+
+def _new_whiteout(ov: Overlay) -> bytes:
+    tmp = ov.tmp_name()
+    make_whiteout(ov.work_fd, tmp)
+    return tmp
+
+
+def _detach(node: Node, parent: Node, name: bytes) -> None:
+    if node.parent is parent and node.name == name:
+        node.unlinked = True
+
+
+def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
+    ov.check_writable()
+    node = lookup(ov, parent, name)
+    if node is None:
+        raise OSError(errno.ENOENT, "no such file")
+    if node.is_dir:
+        raise OSError(errno.EISDIR, "is a directory")
+    ensure_upper_dir(ov, parent)
+    ufd = ov.table.dir_fd(parent, 0)
+    in_lower = lower_entry(ov, parent, name) is not None
+    if lstat_or_none(ufd, name) is not None:
+        if in_lower and not ov.wh_fallback:
+            replace_with(ov, ufd, name, _new_whiteout(ov))
+        else:
+            os.unlink(name, dir_fd=ufd)
+            if in_lower:
+                _whiteout(ov, ufd, name)
+    else:
+        _whiteout(ov, ufd, name)
+    _detach(node, parent, name)
+
+
+def _clear_upper_dir(ov: Overlay, tmp: bytes) -> None:
+    """Remove a directory moved into work/ (it holds only whiteouts)."""
+    shutil.rmtree(tmp, dir_fd=ov.work_fd)
+
+
+def rmdir(ov: Overlay, parent: Node, name: bytes) -> None:
+    ov.check_writable()
+    node = lookup(ov, parent, name)
+    if node is None:
+        raise OSError(errno.ENOENT, "no such directory")
+    if not node.is_dir:
+        raise OSError(errno.ENOTDIR, "not a directory")
+    if merged_names(ov, node):
+        raise OSError(errno.ENOTEMPTY, "directory not empty")
+    ensure_upper_dir(ov, parent)
+    ufd = ov.table.dir_fd(parent, 0)
+    in_lower = lower_entry(ov, parent, name) is not None
+    if node.layer == 0:
+        tmp = _new_whiteout(ov) if in_lower else ov.tmp_name()
+        if in_lower:
+            renameat2(ov.work_fd, tmp, ufd, name, RENAME_EXCHANGE)
+        else:
+            os.rename(name, tmp, src_dir_fd=ufd, dst_dir_fd=ov.work_fd)
+        _clear_upper_dir(ov, tmp)
+    else:
+        _whiteout(ov, ufd, name)
+    _detach(node, parent, name)
+    ov.table.close_fds(node)
+
+
+def _set_redirect(ov: Overlay, node: Node) -> None:
+    """A moved directory with lower parts records where they are."""
+    comps = lower_path(node)
+    dfd, name = _self_ref(ov, node)
+    os.setxattr(xattr_path(dfd, name), private_xattr_name(ov.euid, "redirect"),
+                b"/" + b"/".join(comps), follow_symlinks=False)
+    node.redirect = comps
+
+
+def _set_opaque(ov: Overlay, node: Node) -> None:
+    dfd, name = _self_ref(ov, node)
+    os.setxattr(xattr_path(dfd, name), private_xattr_name(ov.euid, "opaque"), b"y",
+                follow_symlinks=False)
+
+
+async def _prepare_moved_dir(ov: Overlay, node: Node, dest_has_lower: bool,
+                             moves: bool) -> None:
+    """Copy a directory up before it moves; keep its lower contents reachable
+    (redirect) or keep a lower directory at the destination out (opaque)."""
+    has_lower = any(k != 0 for k in node.layers)
+    if has_lower and moves and not ov.redirect_dir:
+        raise OSError(errno.EXDEV, "renaming a lower directory needs redirect_dir=on")
+    await copy_up(ov, node)
+    if has_lower and moves and node.redirect is None:
+        _set_redirect(ov, node)
+    elif not has_lower and dest_has_lower:
+        _set_opaque(ov, node)
+
+
+async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
+                 new_name: bytes, flags: int) -> None:
+    ov.check_writable()
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
+            (flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
+        raise OSError(errno.EINVAL, "unsupported rename flags")
+    check_name(new_name)
+    src = lookup(ov, old_parent, old_name)
+    if src is None:
+        raise OSError(errno.ENOENT, "no such file")
+    dst = lookup(ov, new_parent, new_name)
+    exchange = bool(flags & RENAME_EXCHANGE)
+    if dst is None and exchange:
+        raise OSError(errno.ENOENT, "no such file")
+    if dst is not None and flags & RENAME_NOREPLACE:
+        raise OSError(errno.EEXIST, "exists")
+    if dst is src:
+        return   # two names of one file: POSIX says do nothing
+    if dst is not None and not exchange:
+        if src.is_dir and not dst.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if not src.is_dir and dst.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if dst.is_dir and merged_names(ov, dst):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+    moves = (old_parent, old_name) != (new_parent, new_name)
+    src_lower = lower_entry(ov, old_parent, old_name) is not None
+    dst_lower = lower_entry(ov, new_parent, new_name) is not None
+    if src.is_dir:
+        await _prepare_moved_dir(ov, src, dst_lower, moves)
+    else:
+        await copy_up(ov, src)
+    if exchange and dst is not None:
+        if dst.is_dir:
+            await _prepare_moved_dir(ov, dst, src_lower, moves)
+        else:
+            await copy_up(ov, dst)
+    ensure_upper_dir(ov, old_parent)
+    ensure_upper_dir(ov, new_parent)
+    ofd = ov.table.dir_fd(old_parent, 0)
+    nfd = ov.table.dir_fd(new_parent, 0)
+    if exchange:
+        renameat2(ofd, old_name, nfd, new_name, RENAME_EXCHANGE)
+        assert dst is not None
+        dst.parent, dst.name = old_parent, old_name
+    else:
+        if dst is not None and dst.is_dir and dst.layer == 0:
+            # The replaced directory is empty in the merged view but may hold whiteouts.
+            tmp = ov.tmp_name()
+            os.rename(new_name, tmp, src_dir_fd=nfd, dst_dir_fd=ov.work_fd)
+            _clear_upper_dir(ov, tmp)
+        _move(ov, ofd, old_name, nfd, new_name, src_lower)
+        if dst is not None:
+            _detach(dst, new_parent, new_name)
+            ov.table.close_fds(dst)
+    src.parent, src.name = new_parent, new_name
+    src.unlinked = False
+
+
+def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
+          leave_whiteout: bool) -> None:
+    """rename(2) in the upper layer, over a whiteout if one is at new, leaving a
+    whiteout at old when a lower layer still has that name."""
+    target = lstat_or_none(nfd, new)
+    if target is not None and is_whiteout_stat(target):
+        # Swap with the whiteout: it lands at the old name, where it may be wanted.
+        renameat2(ofd, old, nfd, new, RENAME_EXCHANGE)
+        if not leave_whiteout:
+            os.unlink(old, dir_fd=ofd)
+        return
+    if ov.wh_fallback and lstat_or_none(nfd, WH_PREFIX + new) is not None:
+        os.unlink(WH_PREFIX + new, dir_fd=nfd)
+    if leave_whiteout:
+        try:
+            renameat2(ofd, old, nfd, new, RENAME_WHITEOUT)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                raise
+        os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
+        _whiteout(ov, ofd, old)
+    else:
+        os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)

@@ -1,0 +1,86 @@
+"""Open files: handles that follow their inode through copy-up."""
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from .copyup import copy_up
+from .inodes import Node
+from .layers import open_file_at
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+class Handle:
+    __slots__ = ("node", "fd", "gen", "writable")
+
+    def __init__(self, node: Node, fd: int, writable: bool) -> None:
+        self.node = node
+        self.fd = fd
+        self.gen = node.gen
+        self.writable = writable
+
+
+def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False) -> int:
+    """An fd on the file that holds node's data now: upper, or lower until copy-up."""
+    assert node.parent is not None
+    if node.layer == 0 and not node.metacopy:
+        # The kernel's writeback cache may read from a write-only file: open O_RDWR.
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_TRUNC if trunc else 0)
+        return open_file_at(ov.table.dir_fd(node.parent, 0), node.name, flags)
+    layer = node.lower_layer if node.lower_layer is not None else node.layer
+    return open_file_at(ov.table.dir_fd(node.parent, layer), node.name, os.O_RDONLY)
+
+
+async def open_file(ov: Overlay, node: Node, flags: int) -> Handle:
+    if node.is_dir:
+        raise OSError(errno.EISDIR, "is a directory")
+    writable = bool(flags & WRITE_FLAGS)
+    if writable:
+        await copy_up(ov, node, data=True)
+    h = Handle(node, open_real(ov, node, writable, bool(flags & os.O_TRUNC)), writable)
+    node.open_fds.append(h.fd)
+    return h
+
+
+def attach(node: Node, fd: int) -> Handle:
+    """A handle for a file just created in the upper layer."""
+    h = Handle(node, fd, True)
+    node.open_fds.append(fd)
+    return h
+
+
+def refresh(ov: Overlay, h: Handle) -> None:
+    """Re-resolve a handle opened before its file was copied up (POSIX: readers
+    see what writers wrote, whichever layer they opened)."""
+    fd = open_real(ov, h.node, h.writable)
+    h.node.open_fds.remove(h.fd)
+    os.close(h.fd)
+    h.fd, h.gen = fd, h.node.gen
+    h.node.open_fds.append(fd)
+
+
+def read(ov: Overlay, h: Handle, off: int, size: int) -> bytes:
+    if h.gen != h.node.gen:
+        refresh(ov, h)
+    return os.pread(h.fd, size, off)
+
+
+def write(ov: Overlay, h: Handle, off: int, data: bytes) -> int:
+    if h.gen != h.node.gen:
+        refresh(ov, h)
+    return os.pwrite(h.fd, data, off)
+
+
+def fsync(ov: Overlay, h: Handle, datasync: bool) -> None:
+    if h.writable and not ov.volatile:
+        (os.fdatasync if datasync else os.fsync)(h.fd)
+
+
+def release(h: Handle) -> None:
+    h.node.open_fds.remove(h.fd)
+    os.close(h.fd)

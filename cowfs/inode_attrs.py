@@ -1,0 +1,67 @@
+"""Inode attributes: what stat shows, and setattr (which copies up first)."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from .copyup import copy_up
+from .inodes import Node
+from .layers import lstat_at, open_file_at
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
+
+
+def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
+    """(dir fd, name) of node's upper entry; the root is its own layer root."""
+    if node.parent is None:
+        return ov.layers[0].fd, b"."  # type: ignore[union-attr]
+    return ov.table.dir_fd(node.parent, 0), node.name
+
+
+def getattr_(ov: Overlay, node: Node) -> os.stat_result:
+    if node.layer != 0:
+        if node.lower_st is None:
+            node.lower_st = (os.fstat(ov.layers[node.layer].fd) if node.parent is None  # type: ignore[union-attr]
+                             else lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name))
+        return node.lower_st
+    if node.unlinked:
+        if node.open_fds:
+            return os.fstat(node.open_fds[0])
+        raise OSError(errno.ENOENT, "deleted")
+    dir_fd, name = upper_ref(ov, node)
+    return lstat_at(dir_fd, name)
+
+
+async def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,
+                   uid: int | None = None, gid: int | None = None, size: int | None = None,
+                   atime_ns: int | None = None, mtime_ns: int | None = None,
+                   fd: int | None = None) -> os.stat_result:
+    ov.check_writable()
+    if size is not None and node.is_dir:
+        raise OSError(errno.EISDIR, "is a directory")
+    await copy_up(ov, node, data=size is not None)
+    dir_fd, name = upper_ref(ov, node)
+    if size is not None:
+        if fd is not None:
+            os.ftruncate(fd, size)
+        else:
+            tfd = open_file_at(dir_fd, name, os.O_WRONLY)
+            try:
+                os.ftruncate(tfd, size)
+            finally:
+                os.close(tfd)
+    if uid is not None or gid is not None:
+        os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
+                 dir_fd=dir_fd, follow_symlinks=False)
+    if mode is not None and not stat.S_ISLNK(node.mode):
+        os.chmod(b"/proc/self/fd/%d/%s" % (dir_fd, name), stat.S_IMODE(mode))
+    if atime_ns is not None or mtime_ns is not None:
+        if atime_ns is None or mtime_ns is None:
+            cur = lstat_at(dir_fd, name)
+            atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
+            mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
+        os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+    return getattr_(ov, node)

@@ -1,0 +1,151 @@
+"""Overlay inodes: one Node per file the kernel knows, with lookup/forget counts.
+
+A Node's number is the FUSE node id and the st_ino programs see.  It is derived
+from the real inode it first came from (see InodeNumbers), so it is stable for the
+life of the mount, the same for hard links, and kept across copy-up.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from .layers import open_dir_at, walk_dirs
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
+
+ROOT_INO = 1
+
+
+class Node:
+    __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
+                 "redirect", "lower_st", "fds", "index", "lookups", "gen", "metacopy",
+                 "unlinked", "open_fds", "attr", "__weakref__")
+
+    def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
+                 layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        self.mode = mode                # file type bits (and perms at lookup time)
+        self.layer = layer              # layer of the topmost real entry (0 = upper)
+        self.lower_layer = lower_layer  # lower layer holding the data, if any
+        self.layers = layers            # directories: every layer merged in, top first
+        self.redirect: tuple[bytes, ...] | None = None  # lower path of a moved dir
+        self.lower_st: os.stat_result | None = None     # lower entries never change
+        self.fds: dict[int, int] = {}   # directories: open fd per layer (cached)
+        self.index: dict[bytes, list | None] | None = None  # merged lower entries
+        self.lookups = 0
+        self.gen = 0                    # bumped on copy-up: handles re-resolve
+        self.metacopy = False           # upper holds metadata only, data is lower
+        self.unlinked = False
+        self.open_fds: list[int] = []   # open data fds, for fstat after unlink
+        self.attr: Any = None           # adapter's cached reply for immutable nodes
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def __repr__(self) -> str:
+        return f"Node({self.ino}, {self.name!r}, layer={self.layer})"
+
+
+class InodeNumbers:
+    """st_ino of the overlay: the real inode number, with the top byte telling
+    filesystems apart (like overlayfs' xino), and copied-up files keeping the
+    number of the lower file they came from."""
+
+    def __init__(self) -> None:
+        self._devs: dict[int, int] = {}
+        self._copied: dict[tuple[int, int], int] = {}
+
+    def number(self, st: os.stat_result) -> int:
+        key = (st.st_dev, st.st_ino)
+        ino = self._copied.get(key)
+        if ino is not None:
+            return ino
+        dev = self._devs.setdefault(st.st_dev, len(self._devs))
+        ino = (st.st_ino & ((1 << 56) - 1)) | (dev << 56)
+        if ino <= ROOT_INO:
+            ino |= 1 << 63   # 0 and 1 are the kernel's: negative entry and root
+        return ino
+
+    def keep(self, st: os.stat_result, ino: int) -> None:
+        """The real file st now stands for overlay inode ino (copy-up, root)."""
+        self._copied[(st.st_dev, st.st_ino)] = ino
+
+
+class InodeTable:
+    """Live nodes by number, plus an LRU of nodes holding directory fds: the fd
+    limit is far below the number of directories a tree walk can visit."""
+
+    def __init__(self, ov: Overlay, fd_budget: int) -> None:
+        self.ov = ov
+        self.nodes: dict[int, Node] = {}
+        self._fd_lru: OrderedDict[int, Node] = OrderedDict()
+        self._fd_count = 0
+        self._fd_budget = fd_budget
+
+    def get(self, ino: int) -> Node:
+        return self.nodes[ino]
+
+    def add(self, node: Node) -> None:
+        self.nodes[node.ino] = node
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and ino != ROOT_INO:
+            del self.nodes[ino]
+            self.close_fds(node)
+
+    def dir_fd(self, node: Node, layer: int) -> int:
+        """The fd of node's directory in one layer, opened without following links."""
+        fd = node.fds.get(layer)
+        if fd is not None:
+            if len(self._fd_lru) > 64:
+                self._fd_lru.move_to_end(node.ino)
+            return fd
+        if node.parent is None:
+            fd = os.dup(self.ov.layers[layer].fd)
+        elif node.redirect is not None and layer != 0:
+            fd = walk_dirs(self.ov.layers[layer].fd, node.redirect)
+            if fd is None:
+                raise FileNotFoundError(f"redirected directory gone in layer {layer}")
+        else:
+            fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
+        node.fds[layer] = fd
+        self._fd_count += 1
+        self._fd_lru[node.ino] = node
+        if self._fd_count > self._fd_budget:
+            self._evict()
+        return fd
+
+    def drop_fd(self, node: Node, layer: int) -> None:
+        os.close(node.fds.pop(layer))
+        self._fd_count -= 1
+
+    def close_fds(self, node: Node) -> None:
+        for fd in node.fds.values():
+            os.close(fd)
+        self._fd_count -= len(node.fds)
+        node.fds = {}
+        self._fd_lru.pop(node.ino, None)
+
+    def _evict(self) -> None:
+        while self._fd_count > self._fd_budget * 3 // 4 and self._fd_lru:
+            _, node = self._fd_lru.popitem(last=False)
+            if node.ino == ROOT_INO:
+                continue
+            for fd in node.fds.values():
+                os.close(fd)
+            self._fd_count -= len(node.fds)
+            node.fds = {}
+
+    def close_all(self) -> None:
+        for node in list(self.nodes.values()):
+            self.close_fds(node)

@@ -1,0 +1,210 @@
+"""Name lookup through the layers (overlayfs' namei).
+
+The upper layer is probed live: only cowfs writes it while mounted, but it is
+the one layer that changes.  Lower layers are immutable while mounted, so each
+merged directory scans its lower layers once into an index (name -> the layer
+that wins, and for directories every layer merged below it): a lookup is one
+dict hit and one fstatat, however many layers there are.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from .inodes import Node
+from .layers import lstat_at, lstat_or_none, walk_dirs, xattr_path
+from .whiteout import (OPAQUE_MARKER, WH_PREFIX, dir_opacity, is_whiteout_stat,
+                       is_xattr_whiteout, overlay_xattr)
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
+
+# A lower index entry: [layer, is_dir, layers merged (dirs), merge closed]; None
+# for a name whited out in some lower layer.
+LowerEntry = list
+_MISSING = object()
+
+
+def lower_index(ov: Overlay, node: Node) -> dict[bytes, LowerEntry | None]:
+    if node.index is None:
+        node.index = _build_index(ov, node)
+    return node.index
+
+
+def _scan_layer(fd: int) -> list[tuple[bytes, bool, os.DirEntry]]:
+    out = []
+    with os.scandir(fd) as it:
+        for e in it:
+            out.append((os.fsencode(e.name), e.is_dir(follow_symlinks=False), e))
+    return out
+
+
+def _build_index(ov: Overlay, node: Node) -> dict[bytes, LowerEntry | None]:
+    idx: dict[bytes, LowerEntry | None] = {}
+    kept: list[int] = []
+    for k in node.layers:
+        kept.append(k)
+        if k == 0:
+            continue
+        fd = ov.table.dir_fd(node, k)
+        opaque, xwhiteouts = dir_opacity(fd)
+        whiteouts: list[bytes] = []
+        for name, is_dir, e in _scan_layer(fd):
+            if name.startswith(WH_PREFIX):
+                if name == OPAQUE_MARKER:
+                    opaque = True
+                elif len(name) > 4:
+                    whiteouts.append(name[4:])
+                continue
+            if not is_dir and not e.is_file(follow_symlinks=False) \
+                    and not e.is_symlink():
+                if is_whiteout_stat(e.stat(follow_symlinks=False)):
+                    whiteouts.append(name)
+                    continue
+            elif xwhiteouts and not is_dir and e.is_file(follow_symlinks=False) \
+                    and e.stat(follow_symlinks=False).st_size == 0 \
+                    and is_xattr_whiteout(xattr_path(fd, name)):
+                whiteouts.append(name)
+                continue
+            ent = idx.get(name, _MISSING)
+            if ent is _MISSING:
+                idx[name] = [k, is_dir, [k] if is_dir else None, False]
+            elif ent is not None and ent[1] and not ent[3]:
+                if is_dir:
+                    ent[2].append(k)
+                else:
+                    ent[3] = True
+        for name in whiteouts:
+            ent = idx.get(name, _MISSING)
+            if ent is _MISSING:
+                idx[name] = None
+            elif ent is not None and ent[1]:
+                ent[3] = True
+        if opaque:
+            break
+    # Layers below an opaque layer take no part in this directory.
+    node.layers = tuple(kept)
+    for k in [k for k in node.fds if k not in kept]:
+        ov.table.drop_fd(node, k)
+    return idx
+
+
+def lookup(ov: Overlay, parent: Node, name: bytes) -> Node | None:
+    """The node for name in parent's merged view, or None when there is none."""
+    if name == b".":
+        return parent
+    if name == b"..":
+        return parent.parent or parent
+    if name.startswith(WH_PREFIX):
+        return None
+    if parent.layer == 0:
+        ufd = ov.table.dir_fd(parent, 0)
+        st = lstat_or_none(ufd, name)
+        if st is not None:
+            if is_whiteout_stat(st):
+                return None
+            return _upper_node(ov, parent, name, st, ufd)
+        if ov.wh_fallback and lstat_or_none(ufd, WH_PREFIX + name) is not None:
+            return None
+    ent = lower_index(ov, parent).get(name)
+    if ent is None:
+        return None
+    return _lower_node(ov, parent, name, ent)
+
+
+def lower_entry(ov: Overlay, parent: Node, name: bytes) -> LowerEntry | None:
+    """What the lower layers show at parent/name (ignoring the upper layer)."""
+    if parent.layers == (0,) or parent.layers == ():
+        return None
+    return lower_index(ov, parent).get(name)
+
+
+def _existing(ov: Overlay, ino: int, parent: Node, name: bytes) -> Node | None:
+    node = ov.table.nodes.get(ino)
+    if node is not None and node.layer != 0 and not node.is_dir:
+        # Another name of a lower hard link: remember the latest one seen.
+        node.parent, node.name = parent, name
+    return node
+
+
+def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
+                ufd: int) -> Node:
+    ino = ov.numbers.number(st)
+    node = _existing(ov, ino, parent, name)
+    if node is not None:
+        return node
+    if stat.S_ISDIR(st.st_mode):
+        layers: tuple[int, ...] = (0,)
+        path = xattr_path(ufd, name)
+        redirect = None
+        if overlay_xattr(path, "opaque") != b"y":
+            value = overlay_xattr(path, "redirect") if ov.redirect_dir else None
+            if value:
+                redirect = redirect_components(parent, value)
+                layers += tuple(k for k in ov.lower_indexes
+                                if _dir_exists(ov.layers[k].fd, redirect))
+            else:
+                ent = lower_entry(ov, parent, name)
+                if ent is not None and ent[1]:
+                    layers += tuple(ent[2])
+        node = Node(ino, parent, name, st.st_mode, 0, None, layers)
+        node.redirect = redirect
+    else:
+        node = Node(ino, parent, name, st.st_mode, 0, None)
+        if stat.S_ISREG(st.st_mode) and st.st_size > st.st_blocks * 512 \
+                and overlay_xattr(xattr_path(ufd, name), "metacopy") is not None:
+            ent = lower_entry(ov, parent, name)
+            if ent is not None and not ent[1]:
+                node.metacopy, node.lower_layer = True, ent[0]
+    ov.table.add(node)
+    return node
+
+
+def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node:
+    k = ent[0]
+    st = lstat_at(ov.table.dir_fd(parent, k), name)
+    ino = ov.numbers.number(st)
+    node = _existing(ov, ino, parent, name)
+    if node is not None:
+        return node
+    if ent[1]:
+        node = Node(ino, parent, name, st.st_mode, k, None, tuple(ent[2]))
+    else:
+        node = Node(ino, parent, name, st.st_mode, k, k)
+    node.lower_st = st
+    ov.table.add(node)
+    return node
+
+
+def node_path(node: Node) -> tuple[bytes, ...]:
+    """Components from the root to node in the merged view."""
+    parts = []
+    while node.parent is not None:
+        parts.append(node.name)
+        node = node.parent
+    return tuple(reversed(parts))
+
+
+def lower_path(node: Node) -> tuple[bytes, ...]:
+    """Where node's lower directories live below each lower layer root."""
+    if node.redirect is not None:
+        return node.redirect
+    if node.parent is None:
+        return ()
+    return lower_path(node.parent) + (node.name,)
+
+
+def redirect_components(parent: Node, value: bytes) -> tuple[bytes, ...]:
+    """overlayfs redirect: absolute from the layer root, or a name in the parent."""
+    if value.startswith(b"/"):
+        return tuple(p for p in value.split(b"/") if p)
+    return lower_path(parent) + (value,)
+
+
+def _dir_exists(root_fd: int, comps: tuple[bytes, ...]) -> bool:
+    fd = walk_dirs(root_fd, comps)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True

@@ -1,0 +1,56 @@
+"""Extended attributes through the overlay; overlay-private ones stay hidden."""
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from .copyup import copy_up
+from .inode_attrs import upper_ref
+from .inodes import Node
+from .layers import xattr_path
+from .whiteout import is_private_xattr
+
+if TYPE_CHECKING:
+    from .overlay import Overlay
+
+
+def _path(ov: Overlay, node: Node) -> bytes:
+    """The xattr path of the entry that holds node's metadata now."""
+    if node.layer == 0:
+        return xattr_path(*upper_ref(ov, node))
+    if node.parent is None:
+        return b"/proc/self/fd/%d" % ov.layers[node.layer].fd  # type: ignore[union-attr]
+    return xattr_path(ov.table.dir_fd(node.parent, node.layer), node.name)
+
+
+def _refuse_private(name: str) -> None:
+    if is_private_xattr(name):
+        raise OSError(errno.EPERM, "overlay-private xattr")
+
+
+def getxattr(ov: Overlay, node: Node, name: str) -> bytes:
+    if is_private_xattr(name):
+        raise OSError(errno.ENODATA, "no such xattr")
+    return os.getxattr(_path(ov, node), name, follow_symlinks=False)
+
+
+def listxattr(ov: Overlay, node: Node) -> list[str]:
+    return [n for n in os.listxattr(_path(ov, node), follow_symlinks=False)
+            if not is_private_xattr(n)]
+
+
+async def setxattr(ov: Overlay, node: Node, name: str, value: bytes) -> None:
+    ov.check_writable()
+    _refuse_private(name)
+    await copy_up(ov, node, data=False)
+    os.setxattr(_path(ov, node), name, value, follow_symlinks=False)
+
+
+async def removexattr(ov: Overlay, node: Node, name: str) -> None:
+    ov.check_writable()
+    _refuse_private(name)
+    # Nothing to copy up for an xattr that is not there.
+    getxattr(ov, node, name)
+    await copy_up(ov, node, data=False)
+    os.removexattr(_path(ov, node), name, follow_symlinks=False)
