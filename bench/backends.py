@@ -164,10 +164,13 @@ class Backend:
     def command(self, lowers: list[Path], upper: Path, work: Path) -> list[str]:
         raise NotImplementedError
 
-    def mount(self, lowers: list[Path]) -> Mounted:
+    def mount(self, lowers: list[Path], before=None) -> Mounted:
+        """before(upper) runs on the fresh upper directory just before mounting."""
         if is_mountpoint(self.mnt):
             raise MountError(f"{self.mnt} is still mounted from an earlier step")
         upper, work = self._fresh_dirs()
+        if before is not None:
+            before(upper)
         cmd = self.command(lowers, upper, work)
         # Output to a file, not a pipe: a daemon that keeps the pipe open must not
         # make us wait for it.  Only the mount command itself is waited for.
@@ -206,7 +209,7 @@ class Plain(Backend):
     """No mount at all: the union of the layers as one ordinary directory."""
     name = "plain"
 
-    def mount(self, lowers: list[Path]) -> Mounted:   # built by the runner
+    def mount(self, lowers: list[Path], before=None) -> Mounted:   # built by the runner
         raise NotImplementedError
 
     def unmount(self, m: Mounted) -> None:

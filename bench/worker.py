@@ -136,7 +136,7 @@ def op_cp_sync(src: str, dst: str) -> dict:
 
 def op_small(base: str, count: int, size: int, delete_manifest: str) -> dict:
     d = os.path.join(base, "small-new")
-    os.mkdir(d)
+    os.makedirs(d, exist_ok=True)    # the runner may have made it (priming)
     payload = b"s" * size
     names = [os.path.join(d, f"n{i:05d}") for i in range(count)]
     t = now()
@@ -162,7 +162,7 @@ def op_small(base: str, count: int, size: int, delete_manifest: str) -> dict:
 
 def op_job(base: str, tarball: str, out: str) -> dict:
     job = os.path.join(base, "job")
-    os.mkdir(job)
+    os.makedirs(job, exist_ok=True)  # the runner may have made it (priming)
     t0 = now()
     subprocess.run(["tar", "-xf", tarball, "-C", job], check=True)
     t1 = now()

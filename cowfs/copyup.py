@@ -133,6 +133,9 @@ async def copy_up(ov: Overlay, node: Node, data: bool = True) -> None:
     if node.layer == 0 and not (data and node.metacopy):
         return
     ov.check_writable()
+    if node.unlinked:
+        # Copying up a deleted entry would bring it back from the dead.
+        raise OSError(errno.ENOENT, "deleted")
     lock = ov.copy_lock(node)
     try:
         async with lock:

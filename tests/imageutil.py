@@ -77,7 +77,7 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _blob(layout: Path, data: bytes) -> str:
+def put_blob(layout: Path, data: bytes) -> str:
     d = sha(data)
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     (layout / "blobs" / "sha256" / d[7:]).write_bytes(data)
@@ -93,20 +93,20 @@ def write_layout(layout: Path, tag: str, layers: list[bytes],
         blob = compress(tar, comp)
         mt = "application/vnd.oci.image.layer.v1.tar" + {"gzip": "+gzip", "zstd": "+zstd"}.get(
             comp or "", "")
-        descs.append({"mediaType": mt, "digest": _blob(layout, blob), "size": len(blob)})
+        descs.append({"mediaType": mt, "digest": put_blob(layout, blob), "size": len(blob)})
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layers]},
                          "history": [{"created_by": f"layer {i}"} for i in range(len(layers))]
                          }).encode()
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": _blob(layout, config), "size": len(config)},
+                           "digest": put_blob(layout, config), "size": len(config)},
                 "layers": descs}
     mbytes = json.dumps(manifest).encode()
     index_path = layout / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else \
         {"schemaVersion": 2, "manifests": []}
-    index["manifests"].append({"mediaType": manifest["mediaType"], "digest": _blob(layout, mbytes),
+    index["manifests"].append({"mediaType": manifest["mediaType"], "digest": put_blob(layout, mbytes),
                                "size": len(mbytes),
                                "annotations": {"org.opencontainers.image.ref.name": tag}})
     index_path.write_text(json.dumps(index))
@@ -210,3 +210,135 @@ def scratch(request: pytest.FixtureRequest) -> Iterator[Path]:
     yield d
     if not _mounted_below(d):  # never delete through a mount that failed to go away
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _host_entries(path: str, out: dict[str, Member]) -> None:
+    """path as the host has it, every symlink on the way included, into out."""
+    parts = [p for p in path.split("/") if p]
+    cur = ""
+    for i, name in enumerate(parts):
+        cur = f"{cur}/{name}"
+        st = os.lstat(cur)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(cur)
+            out.setdefault(cur[1:], symlink(cur[1:], target))
+            rest = "/".join(parts[i + 1:])
+            base = target if target.startswith("/") else os.path.join(os.path.dirname(cur), target)
+            _host_entries(os.path.normpath(base + ("/" + rest if rest else "")), out)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            out.setdefault(cur[1:], directory(cur[1:], mode=stat.S_IMODE(st.st_mode)))
+        else:
+            with open(cur, "rb") as f:
+                out[cur[1:]] = file(cur[1:], f.read(), mode=stat.S_IMODE(st.st_mode))
+
+
+def shell_layer() -> bytes:
+    """A layer with the host's /bin/sh and the libraries it needs: enough to chroot into."""
+    sh = os.path.realpath("/bin/sh")
+    libs = subprocess.run(["ldd", sh], capture_output=True, text=True, check=True).stdout
+    paths = ["/bin/sh", "/bin/" + os.path.basename(sh)]
+    paths += [w for line in libs.splitlines() for w in line.split() if w.startswith("/")]
+    out: dict[str, Member] = {}
+    for p in paths:
+        _host_entries(p, out)
+    return tar_bytes([out[k] for k in sorted(out)])
+
+
+def build_umoci_image(scratch: Path, shell: bool = False) -> str:
+    """An image with whiteouts, an opaque dir, hard links, symlinks, xattrs, odd
+    modes and owners, made by umoci; with shell, a /bin/sh layer below them."""
+    layout = scratch / "oci"
+    umoci("init", "--layout", str(layout))
+    umoci("new", "--image", f"{layout}:t")
+    if shell:
+        blob = scratch / "shell.tar"
+        blob.write_bytes(shell_layer())
+        tmp = scratch / "shell"
+        tmp.mkdir()
+        subprocess.run(["tar", "-xpf", str(blob), "-C", str(tmp)], check=True)
+        umoci("insert", "--image", f"{layout}:t", str(tmp), "/")
+    src = scratch / "src1"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hostname").write_text("base\n")
+    (src / "etc" / "big").write_bytes(os.urandom(100_000))
+    (src / "data" / "sub").mkdir(parents=True)
+    (src / "data" / "a").write_text("a\n")
+    os.link(src / "data" / "a", src / "data" / "a-link")
+    os.symlink("../etc/hostname", src / "data" / "sym")
+    (src / "data" / "sub" / "b").write_text("b\n")
+    os.chmod(src / "data" / "sub" / "b", 0o4755)
+    os.setxattr(src / "data" / "a", "user.color", b"blue")
+    (src / "opq").mkdir()
+    (src / "opq" / "old").write_text("old\n")
+    (src / "tmp").mkdir()
+    os.chmod(src / "tmp", 0o1777)
+    os.chown(src / "etc" / "hostname", 1000, 1000)
+    umoci("insert", "--image", f"{layout}:t", str(src), "/")
+    umoci("insert", "--image", f"{layout}:t", "--whiteout", "/data/sub")
+    new = scratch / "src2"
+    new.mkdir()
+    (new / "fresh").write_text("fresh\n")
+    umoci("insert", "--image", f"{layout}:t", "--opaque", str(new), "/opq")
+    return f"{layout}:t"
+
+
+_cowfs_unready: list[str | None] = []
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False
+
+
+def cowfs_unready() -> str | None:
+    """Why cowfs mounts cannot be tested here (None: they work).  Probed once, in
+    subprocesses with timeouts, since a daemon that does not answer hangs callers."""
+    if _cowfs_unready:
+        return _cowfs_unready[0]
+    from cowfs.state import find_mount
+
+    from .mountutil import unmount
+    base = Path(tempfile.mkdtemp(prefix="probe-", dir="/tmp/image-helper"))
+    (base / "lower").mkdir()
+    (base / "lower" / "f").write_text("f")
+    mnt = base / "mnt"
+    mnt.mkdir()
+    reason: str | None = None
+    pid = None
+    try:
+        res = subprocess.run([*COWFS, "-o", f"lowerdir={base / 'lower'}", str(mnt)],
+                             capture_output=True, text=True, timeout=30)
+        rec = find_mount(str(mnt))
+        pid = rec.get("pid") if rec else None
+        if res.returncode != 0:
+            reason = f"cowfs does not mount: {res.stderr.strip()[-300:]}"
+        else:
+            probe = subprocess.run([sys.executable, "-c", "import os, sys; "
+                                    "print(os.listdir(sys.argv[1]))", str(mnt)],
+                                   capture_output=True, text=True, timeout=15)
+            if probe.stdout.strip() != "['f']":
+                reason = f"a cowfs mount lists {probe.stdout.strip()!r} {probe.stderr[-300:]}"
+    except subprocess.TimeoutExpired:
+        reason = "a cowfs mount does not answer"
+    finally:
+        unmount(mnt)
+        if pid and _cmdline_has(pid, str(mnt)):
+            os.kill(pid, 9)  # the probe's own daemon, by the pid it recorded
+        if not _mounted_below(base):
+            shutil.rmtree(base, ignore_errors=True)
+    _cowfs_unready.append(reason)
+    return reason
+
+
+@pytest.fixture(params=["kernel", "cowfs"])
+def mount_kind(request: pytest.FixtureRequest) -> str:
+    """Run a mount test over kernel overlayfs (the reference) and over cowfs."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    if request.param == "cowfs" and (reason := cowfs_unready()):
+        pytest.skip(reason)
+    return request.param
