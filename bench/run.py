@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cowfs-python", default=sys.executable,
                    help="the python that runs `-m cowfs` (default: this one)")
     ns = p.parse_args(argv)
+    ns.backends = [b for b in BACKENDS if b in ns.backends]      # canonical order
+    ns.workloads = [w for w in WORKLOADS if w in ns.workloads]
     if ns.repeat is not None and ns.repeat < 1:
         p.error("--repeat must be >= 1")
     return ns
