@@ -1,0 +1,236 @@
+"""`cowfs image import/ls/rm`: formats, the shared layer store, digest checks, hostile input."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cowfs.image.errors import ImageError
+from cowfs.image.oci import LayerRef, open_source
+from cowfs.image.store import Store
+
+from .imageutil import (assert_same_tree, build_umoci_image, compress, cowfs, directory, file,
+                        needs_root, needs_umoci, put_blob, scratch, sha, snapshot, symlink,
+                        tar_bytes, umoci_unpack, write_docker_archive, write_layout)
+from .mountutil import kernel_mount
+
+__all__ = ["scratch"]
+
+BASE = tar_bytes([directory("etc"), file("etc/os-release", b"ID=test\n"),
+                  directory("usr"), directory("usr/bin"),
+                  file("usr/bin/tool", b"#!/bin/sh\n", mode=0o755),
+                  symlink("bin", "usr/bin"), directory("tmp", mode=0o1777)])
+TOP = tar_bytes([directory("etc"), file("etc/.wh.os-release"), file("etc/motd", b"hi\n")])
+
+
+def store_state(store: Path) -> tuple:
+    """What an import may change: layer dirs, image records, leftovers in tmp."""
+    def ls(d: str) -> list[str]:
+        p = store / d
+        return sorted(os.listdir(p)) if p.exists() else []
+    return ls("layers"), ls("images"), ls("tmp")
+
+
+def layer_tree(store: Store, tar: bytes) -> Path:
+    return Path(store.layer_root(sha(tar)))
+
+
+# -- formats -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", None, ["zstd", None]])
+def test_oci_layout_compressions(scratch: Path, compression: object) -> None:
+    write_layout(scratch / "oci", "v1", [BASE, TOP], compression)  # type: ignore[arg-type]
+    res = cowfs("image", "import", f"{scratch}/oci:v1", store=scratch / "store")
+    assert "2 layers, 2 new, 0 reused" in res.stdout
+    store = Store(str(scratch / "store"))
+    image = store.image("oci:v1")
+    assert (layer_tree(store, BASE) / "usr/bin/tool").read_bytes() == b"#!/bin/sh\n"
+    assert (layer_tree(store, TOP) / "etc/motd").read_bytes() == b"hi\n"
+    assert store.lower_dirs(image)[0] == str(layer_tree(store, TOP))
+
+
+def test_docker_save_archive(scratch: Path) -> None:
+    write_docker_archive(scratch / "img.tar", "example/app:1.0", [BASE, TOP])
+    res = cowfs("image", "import", str(scratch / "img.tar"), store=scratch / "store")
+    assert "imported example/app:1.0" in res.stdout
+    store = Store(str(scratch / "store"))
+    assert store.image("example/app:1.0")["kind"] == "docker-archive"
+    assert (layer_tree(store, BASE) / "etc/os-release").exists()
+
+
+def test_tag_selection(scratch: Path) -> None:
+    write_layout(scratch / "oci", "one", [BASE])
+    write_layout(scratch / "oci", "two", [BASE, TOP])
+    res = cowfs("image", "import", str(scratch / "oci"), store=scratch / "store", check=False)
+    assert res.returncode == 1 and "one, two" in res.stderr
+    res = cowfs("image", "import", f"{scratch}/oci:three", store=scratch / "store", check=False)
+    assert res.returncode == 1 and "no image tagged 'three'" in res.stderr
+    assert len(open_source(f"{scratch}/oci:two").layers) == 2
+
+
+# -- the shared store ------------------------------------------------------------------
+
+def test_layers_are_shared_and_removed_when_unused(scratch: Path) -> None:
+    st = scratch / "store"
+    write_layout(scratch / "oci", "a", [BASE])
+    write_layout(scratch / "oci", "b", [BASE, TOP])
+    cowfs("image", "import", f"{scratch}/oci:a", store=st)
+    res = cowfs("image", "import", f"{scratch}/oci:b", "--name", "bee", store=st)
+    assert "2 layers, 1 new, 1 reused" in res.stdout
+    ls = cowfs("image", "ls", "--layers", store=st).stdout
+    assert "oci:a" in ls and "bee" in ls
+    store = Store(str(st))
+    container = store.new_container(store.image("bee"), None, str(scratch))
+    cowfs("image", "rm", "oci:a", store=st)
+    assert len(store.layer_ids()) == 2  # BASE is still bee's
+    cowfs("image", "rm", "bee", store=st)
+    assert len(store.layer_ids()) == 2  # ... and the container's
+    res = cowfs("image", "rm", container["id"], store=st)
+    assert "deleted 2 unused layer(s)" in res.stdout
+    assert store.layer_ids() == [] and store.images() == []
+    res = cowfs("image", "rm", "nope", store=st, check=False)
+    assert res.returncode == 1 and "no image or container 'nope'" in res.stderr
+
+
+@needs_root
+def test_layers_of_a_live_mount_are_kept(scratch: Path) -> None:
+    write_layout(scratch / "oci", "a", [BASE])
+    store = Store(str(scratch / "store"))
+    src = open_source(f"{scratch}/oci:a")
+    store.import_image(src, progress=False)
+    lowers = [Path(p) for p in store.lower_dirs(store.image("oci:a"))]
+    with kernel_mount(lowers, None, None, scratch / "mnt"):
+        store.remove("oci:a")
+        deleted, used = store.prune_layers()
+        assert deleted == [] and list(used.values()) == ["a mount"]
+    assert len(store.prune_layers()[0]) == 1
+
+
+# -- verification -------------------------------------------------------------------------
+
+def _blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest[7:]
+
+
+def _tamper_layer(layout: Path, m: dict) -> str:
+    """Replace the top layer's blob with another valid one: only the digest tells."""
+    d = m["layers"][-1]["digest"]
+    _blob(layout, d).write_bytes(compress(tar_bytes([file("etc/motd", b"evil\n")]), "gzip"))
+    return d
+
+
+def _corrupt_layer(layout: Path, m: dict) -> str:
+    d = m["layers"][-1]["digest"]
+    data = bytearray(_blob(layout, d).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    _blob(layout, d).write_bytes(bytes(data))
+    return d
+
+
+def _tamper_config(layout: Path, m: dict) -> str:
+    d = m["config"]["digest"]
+    cfg = json.loads(_blob(layout, d).read_text())
+    cfg["config"]["Env"] = ["EVIL=1"]
+    _blob(layout, d).write_text(json.dumps(cfg))
+    return d
+
+
+def _tamper_manifest(layout: Path, m: dict) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    d = index["manifests"][0]["digest"]
+    _blob(layout, d).write_text(_blob(layout, d).read_text().replace('"layers"', '"layers" '))
+    return d
+
+
+@pytest.mark.parametrize("tamper", [_tamper_layer, _corrupt_layer, _tamper_config,
+                                    _tamper_manifest])
+def test_digest_mismatch_names_the_blob_and_leaves_the_store(scratch: Path, tamper) -> None:
+    st = scratch / "store"
+    write_layout(scratch / "good", "v1", [BASE])
+    cowfs("image", "import", f"{scratch}/good:v1", store=st)
+    before = store_state(st)
+    m = write_layout(scratch / "oci", "v1", [BASE, TOP])
+    digest = tamper(scratch / "oci", m)
+    res = cowfs("image", "import", f"{scratch}/oci:v1", store=st, check=False)
+    assert res.returncode == 1
+    assert digest in res.stderr and "mismatch" in res.stderr, res.stderr
+    assert store_state(st) == before
+
+
+def test_wrong_diff_id_in_the_config(scratch: Path) -> None:
+    """Layers unpacked before the failing one must not appear either."""
+    m = write_layout(scratch / "oci", "v1", [TOP, BASE], None)
+    cdesc = m["config"]
+    cfg = json.loads(_blob(scratch / "oci", cdesc["digest"]).read_text())
+    cfg["rootfs"]["diff_ids"][1] = "sha256:" + "0" * 64
+    # Rewrite the image consistently around the lying config.
+    data = json.dumps(cfg).encode()
+    m["config"] = {**cdesc, "digest": put_blob(scratch / "oci", data), "size": len(data)}
+    mb = json.dumps(m).encode()
+    index = {"schemaVersion": 2, "manifests": [{
+        "mediaType": m["mediaType"], "digest": put_blob(scratch / "oci", mb), "size": len(mb),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}
+    (scratch / "oci" / "index.json").write_text(json.dumps(index))
+    res = cowfs("image", "import", f"{scratch}/oci:v1", store=scratch / "store", check=False)
+    assert res.returncode == 1 and "(uncompressed)" in res.stderr and "0" * 64 in res.stderr
+    assert store_state(scratch / "store") == ([], [], [])
+
+
+def test_hostile_layer_import_fails_cleanly(scratch: Path) -> None:
+    evil = tar_bytes([symlink("etc", "/etc"), file("etc/cowfs-test-evil", b"x")])
+    write_layout(scratch / "oci", "v1", [BASE, evil])
+    res = cowfs("image", "import", f"{scratch}/oci:v1", store=scratch / "store", check=False)
+    assert res.returncode == 1 and "refusing" in res.stderr and "symlink" in res.stderr
+    assert not os.path.exists("/etc/cowfs-test-evil")
+    assert store_state(scratch / "store") == ([], [], [])
+
+
+def test_interrupted_import_leaves_nothing(scratch: Path) -> None:
+    class Boom(io.RawIOBase):
+        def __init__(self) -> None:
+            self.left = 3000
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+            if self.left <= 0:
+                raise KeyboardInterrupt
+            n = min(len(b), self.left, len(BASE))
+            b[:n] = BASE[:n]
+            self.left -= n
+            return n
+
+    write_layout(scratch / "oci", "v1", [TOP, BASE])
+    src = open_source(f"{scratch}/oci:v1")
+    src.layers[1] = LayerRef("layer blob boom", src.layers[1].diff_id, None, "", None, Boom)
+    store = Store(str(scratch / "store"))
+    os.makedirs(store.tmp_dir)
+    os.mkdir(os.path.join(store.tmp_dir, "left-by-a-killed-import"))
+    with pytest.raises(KeyboardInterrupt):
+        store.import_image(src, progress=False)
+    assert store_state(scratch / "store") == ([], [], [])
+
+
+def test_missing_source(scratch: Path) -> None:
+    with pytest.raises(ImageError, match="no such image"):
+        open_source(str(scratch / "nothing:tag"))
+
+
+# -- against umoci --------------------------------------------------------------------------
+
+@needs_root
+@needs_umoci
+def test_import_mount_matches_umoci_unpack(scratch: Path) -> None:
+    image = build_umoci_image(scratch)
+    cowfs("image", "import", image, "--name", "t", store=scratch / "store")
+    store = Store(str(scratch / "store"))
+    lowers = [Path(p) for p in store.lower_dirs(store.image("t"))]
+    want = umoci_unpack(image, scratch / "bundle")
+    with kernel_mount(lowers, None, None, scratch / "mnt") as mnt:
+        assert_same_tree(mnt, want)
+        assert "sub" not in os.listdir(mnt / "data") and os.listdir(mnt / "opq") == ["fresh"]
+        assert snapshot(mnt)["data/a"] == snapshot(want)["data/a"]
