@@ -112,11 +112,15 @@ def mkdir(ov: Overlay, parent: Node, name: bytes, mode: int, uid: int, gid: int)
     ufd, covered = _prepare_new(ov, parent, name)
     owner = _owner(ov, parent, uid, gid)
 
+    # Over a deleted lower name the new directory must not show what was there;
+    # in a merged parent, overlayfs marks every new directory opaque, which also
+    # spares later lookups a trip through the lower layers.
+    opaque = covered or len(parent.layers) > 1
+
     def make(dfd: int, n: bytes) -> None:
         os.mkdir(n, stat.S_IMODE(mode), dir_fd=dfd)
         os.chown(n, *owner, dir_fd=dfd, follow_symlinks=False)
-        if covered:
-            # Over a deleted lower name: the new directory must not show its contents.
+        if opaque:
             os.setxattr(xattr_path(dfd, n), private_xattr_name(ov.euid, "opaque"), b"y",
                         follow_symlinks=False)
 
@@ -245,12 +249,14 @@ def rmdir(ov: Overlay, parent: Node, name: bytes) -> None:
     ov.table.close_fds(node)
 
 
-def _set_redirect(ov: Overlay, node: Node) -> None:
-    """A moved directory with lower parts records where they are."""
+def _set_redirect(ov: Overlay, node: Node, same_parent: bool) -> None:
+    """A moved directory with lower parts records where they are: by its old name
+    when it stays in its parent, else by absolute path (as overlayfs writes it)."""
     comps = lower_path(node)
+    value = comps[-1] if same_parent and node.redirect is None else b"/" + b"/".join(comps)
     dfd, name = _self_ref(ov, node)
     os.setxattr(xattr_path(dfd, name), private_xattr_name(ov.euid, "redirect"),
-                b"/" + b"/".join(comps), follow_symlinks=False)
+                value, follow_symlinks=False)
     node.redirect = comps
 
 
@@ -261,15 +267,15 @@ def _set_opaque(ov: Overlay, node: Node) -> None:
 
 
 async def _prepare_moved_dir(ov: Overlay, node: Node, dest_has_lower: bool,
-                             moves: bool) -> None:
+                             moves: bool, same_parent: bool) -> None:
     """Copy a directory up before it moves; keep its lower contents reachable
     (redirect) or keep a lower directory at the destination out (opaque)."""
     has_lower = any(k != 0 for k in node.layers)
     if has_lower and moves and not ov.redirect_dir:
         raise OSError(errno.EXDEV, "renaming a lower directory needs redirect_dir=on")
     await copy_up(ov, node)
-    if has_lower and moves and node.redirect is None:
-        _set_redirect(ov, node)
+    if has_lower and moves:
+        _set_redirect(ov, node, same_parent)
     elif not has_lower and dest_has_lower:
         _set_opaque(ov, node)
 
@@ -303,12 +309,12 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
     src_lower = lower_entry(ov, old_parent, old_name) is not None
     dst_lower = lower_entry(ov, new_parent, new_name) is not None
     if src.is_dir:
-        await _prepare_moved_dir(ov, src, dst_lower, moves)
+        await _prepare_moved_dir(ov, src, dst_lower, moves, old_parent is new_parent)
     else:
         await copy_up(ov, src)
     if exchange and dst is not None:
         if dst.is_dir:
-            await _prepare_moved_dir(ov, dst, src_lower, moves)
+            await _prepare_moved_dir(ov, dst, src_lower, moves, old_parent is new_parent)
         else:
             await copy_up(ov, dst)
     ensure_upper_dir(ov, old_parent)

@@ -35,6 +35,8 @@ def errno_boundary(fn: F) -> F:
         try:
             return await fn(*args)
         except OSError as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r: %s", fn.__name__, args[1:], e)
             raise FUSEError(e.errno or errno.EIO) from None
         except KeyError:
             raise FUSEError(errno.ESTALE) from None

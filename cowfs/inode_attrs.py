@@ -40,13 +40,21 @@ async def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,
                    atime_ns: int | None = None, mtime_ns: int | None = None,
                    fd: int | None = None) -> os.stat_result:
     ov.check_writable()
-    if mode is None and uid is None and gid is None and size is None \
-            and atime_ns is None and mtime_ns is None:
-        # ctime alone (the kernel's writeback cache sends it): nothing to copy up.
+    if (mode is None and uid is None and gid is None and size is None
+            and atime_ns is None and mtime_ns is None) or (node.unlinked and node.layer != 0):
+        # ctime alone (the kernel's writeback cache sends it), or a deleted lower
+        # file still open (the kernel flushes its times at close): nowhere to keep it.
         return getattr_(ov, node)
     if size is not None and node.is_dir:
         raise OSError(errno.EISDIR, "is a directory")
     await copy_up(ov, node, data=size is not None)
+    if node.unlinked:
+        if not node.open_fds:
+            raise OSError(errno.ENOENT, "deleted")
+        # Deleted but open: the inode is reachable only through its fds.
+        _setattr_fd(node.open_fds[0] if fd is None else fd, mode, uid, gid, size,
+                     atime_ns, mtime_ns)
+        return getattr_(ov, node)
     dir_fd, name = upper_ref(ov, node)
     if size is not None:
         if fd is not None:
@@ -63,9 +71,25 @@ async def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,
     if mode is not None and not stat.S_ISLNK(node.mode):
         os.chmod(b"/proc/self/fd/%d/%s" % (dir_fd, name), stat.S_IMODE(mode))
     if atime_ns is not None or mtime_ns is not None:
-        if atime_ns is None or mtime_ns is None:
-            cur = lstat_at(dir_fd, name)
-            atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
-            mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
+        atime_ns, mtime_ns = _complete_times(lstat_at(dir_fd, name), atime_ns, mtime_ns)
         os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
     return getattr_(ov, node)
+
+
+def _complete_times(cur: os.stat_result, atime_ns: int | None,
+                    mtime_ns: int | None) -> tuple[int, int]:
+    """UTIME_OMIT for one of the two: keep its current value."""
+    return (cur.st_atime_ns if atime_ns is None else atime_ns,
+            cur.st_mtime_ns if mtime_ns is None else mtime_ns)
+
+
+def _setattr_fd(fd: int, mode: int | None, uid: int | None, gid: int | None,
+                size: int | None, atime_ns: int | None, mtime_ns: int | None) -> None:
+    if size is not None:
+        os.ftruncate(fd, size)
+    if uid is not None or gid is not None:
+        os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+    if mode is not None:
+        os.fchmod(fd, stat.S_IMODE(mode))
+    if atime_ns is not None or mtime_ns is not None:
+        os.utime(fd, ns=_complete_times(os.fstat(fd), atime_ns, mtime_ns))

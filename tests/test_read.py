@@ -112,6 +112,19 @@ def test_xattrs_and_private_ones_hidden(layers, scratch):
         assert e.value.errno in (errno.ENODATA, errno.EOPNOTSUPP)
 
 
+def test_private_xattrs_cannot_be_set(layers, scratch):
+    """Deliberate difference: the kernel (6.7+) escapes trusted.overlay.* set through
+    a mount into trusted.overlay.overlay.*; cowfs refuses them (EPERM)."""
+    with cowfs_mount(layers, scratch("u"), scratch("w"), scratch("c")) as c:
+        for name in ("trusted.overlay.opaque", "user.overlay.redirect"):
+            with pytest.raises(OSError) as e:
+                os.setxattr(c / "etc", name, b"y")
+            assert e.value.errno == errno.EPERM
+            with pytest.raises(OSError) as e:
+                os.removexattr(c / "replaced", name)
+            assert e.value.errno == errno.EPERM
+
+
 def test_read_only_mount_refuses_writes(layers, scratch):
     with cowfs_mount(layers, None, None, scratch("c")) as c:
         for op in (lambda: (c / "new").write_text("x"),

@@ -47,7 +47,9 @@ def upper_snapshot(root: Path) -> dict[str, tuple]:
             p = Path(dirpath) / name
             st = os.lstat(p)
             marks = []
-            for attr in ("opaque", "redirect"):
+            # Only directories' marks: the kernel's metacopy also redirects renamed
+            # files, where cowfs copies the data up instead.
+            for attr in ("opaque", "redirect") if stat.S_ISDIR(st.st_mode) else ():
                 try:
                     marks.append((attr, os.getxattr(p, "trusted.overlay." + attr,
                                                     follow_symlinks=False)))
