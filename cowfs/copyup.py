@@ -112,7 +112,11 @@ def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
 
 
 def ensure_upper_dir(ov: Overlay, node: Node) -> None:
-    """Copy a directory and all its ancestors up (metadata only: no contents)."""
+    """Copy a directory and all its ancestors up (metadata only: no contents).
+
+    Every change to a directory's names starts here, so this is also where its
+    cached listing is dropped."""
+    node.listing = None
     if node.layer == 0:
         return
     assert node.parent is not None

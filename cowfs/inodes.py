@@ -22,7 +22,7 @@ ROOT_INO = 1
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "lower_st", "fds", "index", "lookups", "gen", "metacopy",
-                 "unlinked", "open_fds", "attr", "__weakref__")
+                 "unlinked", "open_fds", "attr", "listing", "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
                  layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:
@@ -43,6 +43,7 @@ class Node:
         self.unlinked = False
         self.open_fds: list[int] = []   # open data fds, for fstat after unlink
         self.attr: Any = None           # adapter's cached reply for immutable nodes
+        self.listing: list[bytes] | None = None  # directories: merged names, cached
 
     @property
     def is_dir(self) -> bool:

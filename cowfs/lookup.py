@@ -20,8 +20,8 @@ from .whiteout import (OPAQUE_MARKER, WH_PREFIX, dir_opacity, is_whiteout_stat,
 if TYPE_CHECKING:
     from .overlay import Overlay
 
-# A lower index entry: [layer, is_dir, layers merged (dirs), merge closed]; None
-# for a name whited out in some lower layer.
+# A lower index entry: [layer, is_dir, layers merged (dirs), merge closed] and,
+# once looked up, its stat; None for a name whited out in some lower layer.
 LowerEntry = list
 _MISSING = object()
 
@@ -163,7 +163,11 @@ def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
 
 def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node:
     k = ent[0]
-    st = lstat_at(ov.table.dir_fd(parent, k), name)
+    if len(ent) > 4:
+        st = ent[4]      # lower entries never change: stat each one once
+    else:
+        st = lstat_at(ov.table.dir_fd(parent, k), name)
+        ent.append(st)
     ino = ov.numbers.number(st)
     node = _existing(ov, ino, parent, name)
     if node is not None:

@@ -13,7 +13,14 @@ if TYPE_CHECKING:
 
 
 def merged_names(ov: Overlay, node: Node) -> list[bytes]:
-    """Every visible name of a merged directory, each once, markers hidden."""
+    """Every visible name of a merged directory, each once, markers hidden.
+    Cached until the directory changes (see copyup.ensure_upper_dir)."""
+    if node.listing is None:
+        node.listing = _merge(ov, node)
+    return node.listing
+
+
+def _merge(ov: Overlay, node: Node) -> list[bytes]:
     names: list[bytes] = []
     hidden: set[bytes] = set()
     if node.layer == 0:

@@ -192,8 +192,9 @@ def test_rename_files_and_dirs(tmp_path):
     both(tmp_path, script)
 
 
-def test_rename_dir_then_remount_reads_redirect(tmp_path):
-    """A renamed lower directory written by cowfs reads the same under the kernel."""
+def test_cowfs_written_upper_reads_the_same_in_kernel(tmp_path):
+    """An upper dir written by cowfs (redirects, metacopy, whiteouts, opaque dirs)
+    mounts under the kernel with the same view, and again under cowfs."""
     layers = build_standard_layers(tmp_path / "layers")
     up, work, mnt = (tmp_path / d for d in ("u", "w", "m"))
     for d in (up, work, mnt):
@@ -202,6 +203,12 @@ def test_rename_dir_then_remount_reads_redirect(tmp_path):
         os.rename(c / "deep/a", c / "moved")
         write(c / "moved/b/added", "+")
         os.unlink(c / "moved/top")
+        os.chmod(c / "data/big", 0o600)            # metacopy
+        os.chown(c / "etc/shadow", 7, 7)
+        with open(c / "etc/hosts", "a") as f:      # full copy-up
+            f.write("x\n")
+        subprocess.run(["rm", "-rf", str(c / "app")], check=True)
+        os.makedirs(c / "app/fresh")
         view = snapshot(c)
     assert os.getxattr(up / "moved", "trusted.overlay.redirect") == b"/deep/a"
     with kernel_mount(layers, up, work, mnt, KERNEL_OPTS) as k:
