@@ -142,14 +142,7 @@ def validate(cfg: MountConfig) -> None:
                 raise UsageError(f"upperdir '{cfg.upperdir}' is also a lowerdir")
         if not os.access(cfg.upperdir, os.W_OK) or not os.access(cfg.workdir, os.W_OK):
             raise UsageError("upperdir and workdir must be writable")
-    try:
-        st = os.stat(cfg.mountpoint)
-    except FileNotFoundError:
-        raise UsageError(f"mountpoint '{cfg.mountpoint}' does not exist") from None
-    except OSError as e:
-        raise UsageError(f"mountpoint '{cfg.mountpoint}': {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"mountpoint '{cfg.mountpoint}' is not a directory")
+    _is_dir(cfg.mountpoint, "mountpoint")
     if is_mounted(cfg.mountpoint):
         raise UsageError(f"mountpoint '{cfg.mountpoint}' is already mounted")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):

@@ -55,6 +55,14 @@ def both(tmp_path: Path, script: Callable[[Path], list], *, compare_upper: bool 
     return tmp_path / "kernel" / "upper", tmp_path / "cowfs" / "upper"
 
 
+def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Fresh upper, work and mount dirs."""
+    out = tuple(tmp_path / d for d in ("u", "w", "m"))
+    for d in out:
+        d.mkdir()
+    return out  # type: ignore[return-value]
+
+
 def test_copy_up_on_append_keeps_metadata(tmp_path):
     def script(m: Path) -> list:
         p = m / "etc/passwd"
@@ -159,9 +167,7 @@ def test_whiteout_names_cannot_be_created(tmp_path):
     """Deliberate difference: the kernel lets a program create `.wh.NAME`; cowfs
     reads that name as a whiteout in layers, so it refuses it (EINVAL)."""
     layers = build_standard_layers(tmp_path / "layers")
-    up, work, mnt = (tmp_path / d for d in ("u", "w", "m"))
-    for d in (up, work, mnt):
-        d.mkdir()
+    up, work, mnt = dirs(tmp_path)
     with cowfs_mount(layers, up, work, mnt) as c:
         for op in (lambda: os.mkdir(c / "etc/.wh.x"), lambda: open(c / ".wh.foo", "w"),
                    lambda: os.rename(c / "etc/hosts", c / "etc/.wh.hosts")):
@@ -196,9 +202,7 @@ def test_cowfs_written_upper_reads_the_same_in_kernel(tmp_path):
     """An upper dir written by cowfs (redirects, metacopy, whiteouts, opaque dirs)
     mounts under the kernel with the same view, and again under cowfs."""
     layers = build_standard_layers(tmp_path / "layers")
-    up, work, mnt = (tmp_path / d for d in ("u", "w", "m"))
-    for d in (up, work, mnt):
-        d.mkdir()
+    up, work, mnt = dirs(tmp_path)
     with cowfs_mount(layers, up, work, mnt) as c:
         os.rename(c / "deep/a", c / "moved")
         write(c / "moved/b/added", "+")
@@ -219,9 +223,7 @@ def test_cowfs_written_upper_reads_the_same_in_kernel(tmp_path):
 
 def test_kernel_written_upper_reads_the_same_in_cowfs(tmp_path):
     layers = build_standard_layers(tmp_path / "layers")
-    up, work, mnt = (tmp_path / d for d in ("u", "w", "m"))
-    for d in (up, work, mnt):
-        d.mkdir()
+    up, work, mnt = dirs(tmp_path)
     with kernel_mount(layers, up, work, mnt, KERNEL_OPTS) as k:
         with open(k / "etc/hosts", "a") as f:
             f.write("more\n")
@@ -286,9 +288,7 @@ def test_sparse_file_stays_sparse(tmp_path):
         f.truncate(64 << 20)
         f.seek(32 << 20)
         f.write(b"middle")
-    up, work, mnt = (tmp_path / d for d in ("u", "w", "m"))
-    for d in (up, work, mnt):
-        d.mkdir()
+    up, work, mnt = dirs(tmp_path)
     with cowfs_mount([bot], up, work, mnt) as c:
         with open(c / "sparse", "ab") as f:
             f.write(b"end")
@@ -300,9 +300,7 @@ def test_sparse_file_stays_sparse(tmp_path):
 
 def test_fsync_and_statfs_of_upper(tmp_path):
     layers = build_standard_layers(tmp_path / "layers")
-    up, work, mnt = (tmp_path / d for d in ("u", "w", "m"))
-    for d in (up, work, mnt):
-        d.mkdir()
+    up, work, mnt = dirs(tmp_path)
     with cowfs_mount(layers, up, work, mnt) as c:
         fd = os.open(c / "f", os.O_CREAT | os.O_WRONLY, 0o644)
         os.write(fd, b"x")
@@ -314,9 +312,7 @@ def test_fsync_and_statfs_of_upper(tmp_path):
 
 def test_long_paths(tmp_path):
     layers = build_standard_layers(tmp_path / "layers")
-    up, work, mnt = (tmp_path / d for d in ("u", "w", "m"))
-    for d in (up, work, mnt):
-        d.mkdir()
+    up, work, mnt = dirs(tmp_path)
     with cowfs_mount(layers, up, work, mnt) as c:
         p = c
         depth = 0
