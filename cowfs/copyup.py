@@ -132,8 +132,9 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     node.lower_st = None
 
 
-async def copy_up(ov: Overlay, node: Node, data: bool = True) -> None:
-    """Make node live in the upper layer; data=False allows a metadata-only copy."""
+async def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) -> None:
+    """Make node live in the upper layer; data=False allows a metadata-only copy,
+    truncate=True (open with O_TRUNC) skips the data that is about to go."""
     if node.layer == 0 and not (data and node.metacopy):
         return
     ov.check_writable()
@@ -145,7 +146,7 @@ async def copy_up(ov: Overlay, node: Node, data: bool = True) -> None:
         async with lock:
             if node.layer == 0:
                 if data and node.metacopy:
-                    await _copy_up_data(ov, node)
+                    await _copy_up_data(ov, node, truncate)
                 return
             if node.is_dir:
                 ensure_upper_dir(ov, node)
@@ -156,7 +157,7 @@ async def copy_up(ov: Overlay, node: Node, data: bool = True) -> None:
                 if not data and ov.metacopy:
                     _copy_up_meta(ov, node)
                 else:
-                    await _copy_up_file(ov, node)
+                    await _copy_up_file(ov, node, truncate)
             else:
                 _copy_up_special(ov, node)
     finally:
@@ -183,7 +184,7 @@ def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
     return tmp, open_file_at(ov.work_fd, tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
 
 
-async def _copy_up_file(ov: Overlay, node: Node) -> None:
+async def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     assert node.parent is not None
     src_dir = ov.table.dir_fd(node.parent, node.layer)
     src = open_file_at(src_dir, node.name, os.O_RDONLY)
@@ -192,7 +193,8 @@ async def _copy_up_file(ov: Overlay, node: Node) -> None:
         xattrs = _public_xattrs(src_dir, node.name)
         tmp, dst = _new_tmp_file(ov)
         try:
-            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
+            if not truncate:
+                await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
             _copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
             if not ov.volatile:
                 await trio.to_thread.run_sync(os.fsync, dst)
@@ -222,7 +224,7 @@ def _copy_up_meta(ov: Overlay, node: Node) -> None:
     node.lower_layer = node.lower_layer or node.layer
 
 
-async def _copy_up_data(ov: Overlay, node: Node) -> None:
+async def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     """Fill a metacopy placeholder with its data, then drop the mark: until the
     mark is gone (after fsync), reads still come from the lower file."""
     assert node.parent is not None and node.lower_layer is not None
@@ -231,7 +233,10 @@ async def _copy_up_data(ov: Overlay, node: Node) -> None:
         dst = open_file_at(ov.table.dir_fd(node.parent, 0), node.name, os.O_WRONLY)
         try:
             st = os.fstat(dst)
-            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
+            if truncate:
+                os.ftruncate(dst, 0)
+            else:
+                await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             if not ov.volatile:
                 await trio.to_thread.run_sync(os.fsync, dst)

@@ -41,7 +41,7 @@ async def open_file(ov: Overlay, node: Node, flags: int) -> Handle:
         raise OSError(errno.EISDIR, "is a directory")
     writable = bool(flags & WRITE_FLAGS)
     if writable:
-        await copy_up(ov, node, data=True)
+        await copy_up(ov, node, data=True, truncate=bool(flags & os.O_TRUNC))
     h = Handle(node, open_real(ov, node, writable, bool(flags & os.O_TRUNC)), writable)
     node.open_fds.append(h.fd)
     return h

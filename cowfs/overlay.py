@@ -24,6 +24,9 @@ WORK_SUBDIR = "work"
 class Overlay:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
+        # Modes arrive with the caller's umask applied by the kernel; the daemon's
+        # own umask must not strip them a second time.
+        os.umask(0)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -322,3 +322,20 @@ def test_long_paths(tmp_path):
         os.makedirs(p)
         write(p / "leaf", "deep")
         assert (p / "leaf").read_text() == "deep"
+
+
+def test_modes_under_umask_and_truncating_open(tmp_path):
+    def script(m: Path) -> list:
+        old = os.umask(0)
+        try:
+            os.mkdir(m / "wide", 0o777)
+            os.close(os.open(m / "wide/f", os.O_CREAT | os.O_WRONLY, 0o666))
+            os.umask(0o077)
+            os.mkdir(m / "narrow", 0o777)
+        finally:
+            os.umask(old)
+        with open(m / "data/big", "w") as f:     # O_TRUNC of a lower file
+            f.write("t")
+        return [oct(os.lstat(m / p).st_mode) for p in ("wide", "wide/f", "narrow")] + \
+            [(m / "data/big").read_text()]
+    both(tmp_path, script)

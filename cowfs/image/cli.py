@@ -155,6 +155,9 @@ def resolve_layers(target: str, lowers: list[str] | None, store: Store) -> tuple
     if lowers:
         return target, lowers
     if is_mounted(target):
+        # A FUSE mount with a writeback cache holds data and times the upper dir
+        # has not seen yet: flush them, as the kernel's syncfs does for overlayfs.
+        os.sync()
         rec = find_mount(target)
         if rec is not None:
             if not rec.get("upperdir"):
