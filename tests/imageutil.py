@@ -158,7 +158,8 @@ def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
                         if not n.startswith(("trusted.overlay.", "user.overlay."))))
 
 
-def snapshot(root: Path, dir_mtimes: bool = True) -> dict[str, tuple]:
+def snapshot(root: Path, dir_mtimes: bool = True, file_mtimes: bool = True
+             ) -> dict[str, tuple]:
     """Everything a tree shows about itself, by path: type, mode, owner, mtime,
     content, symlink target, device number, xattrs and hard-link groups."""
     out: dict[str, dict] = {}
@@ -170,7 +171,7 @@ def snapshot(root: Path, dir_mtimes: bool = True) -> dict[str, tuple]:
             st = os.lstat(p)
             rec: dict = {"mode": oct(st.st_mode), "owner": (st.st_uid, st.st_gid),
                          "xattrs": _xattrs(p)}
-            if not stat.S_ISDIR(st.st_mode) or dir_mtimes:
+            if dir_mtimes if stat.S_ISDIR(st.st_mode) else file_mtimes:
                 rec["mtime"] = st.st_mtime_ns
             if stat.S_ISREG(st.st_mode):
                 with open(p, "rb") as f:
@@ -188,8 +189,9 @@ def snapshot(root: Path, dir_mtimes: bool = True) -> dict[str, tuple]:
     return {k: tuple(sorted(v.items())) for k, v in sorted(out.items())}
 
 
-def assert_same_tree(got: Path, want: Path, dir_mtimes: bool = True) -> None:
-    a, b = snapshot(got, dir_mtimes), snapshot(want, dir_mtimes)
+def assert_same_tree(got: Path, want: Path, dir_mtimes: bool = True,
+                     file_mtimes: bool = True) -> None:
+    a, b = snapshot(got, dir_mtimes, file_mtimes), snapshot(want, dir_mtimes, file_mtimes)
     diffs = [f"{k}:\n  got  {a.get(k)}\n  want {b.get(k)}"
              for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     assert not diffs, f"{got} differs from {want}:\n" + "\n".join(diffs[:20])
