@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .inodes import Node
-from .layers import entry_xattrs, lstat_at, open_file_at, renameat2
+from .layers import entry_xattrs, lstat_at, lstat_or_none, open_file_at, renameat2
 from .whiteout import is_private_xattr, private_xattr_name
 
 if TYPE_CHECKING:
@@ -103,6 +103,8 @@ def _public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
 def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     """Rename the finished copy into place and make node an upper node."""
     assert node.parent is not None
+    if node.lower_st is not None and not node.is_dir:
+        node.extra_links = node.lower_st.st_nlink - 1
     pfd = ov.table.dir_fd(node.parent, 0)
     os.rename(tmp, node.name, src_dir_fd=ov.work_fd, dst_dir_fd=pfd)
     ov.numbers.keep(lstat_at(pfd, node.name), node.ino)
@@ -248,6 +250,21 @@ async def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     node.metacopy = False
     node.lower_layer = None
     node.gen += 1
+
+
+def link_up(ov: Overlay, node: Node, parent: Node, name: bytes) -> None:
+    """Give another lower name of a copied-up hard link its upper entry, linked to
+    the copy (as overlayfs with index=on does), before that name is changed."""
+    if node.layer != 0 or node.is_dir or (node.parent is parent and node.name == name):
+        return
+    assert node.parent is not None
+    ensure_upper_dir(ov, parent)
+    ufd = ov.table.dir_fd(parent, 0)
+    if lstat_or_none(ufd, name) is not None:
+        return
+    os.link(node.name, name, src_dir_fd=ov.table.dir_fd(node.parent, 0), dst_dir_fd=ufd,
+            follow_symlinks=False)
+    node.extra_links = max(0, node.extra_links - 1)
 
 
 def replace_with(ov: Overlay, dir_fd: int, name: bytes, tmp: bytes) -> None:

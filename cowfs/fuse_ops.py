@@ -97,7 +97,10 @@ class CowfsOperations(pyfuse3.Operations):
             if node.attr is None:
                 node.attr = _attrs(node.ino, inode_attrs.getattr_(self.ov, node))
             return node.attr
-        return _attrs(node.ino, inode_attrs.getattr_(self.ov, node))
+        attr = _attrs(node.ino, inode_attrs.getattr_(self.ov, node))
+        if node.extra_links:
+            attr.st_nlink += node.extra_links
+        return attr
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = self._entry(node)
@@ -130,7 +133,7 @@ class CowfsOperations(pyfuse3.Operations):
                       ctx: Any) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         h = self.handles.get(fh) if fh is not None else None
-        st = await inode_attrs.setattr_(
+        await inode_attrs.setattr_(
             self.ov, node,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -139,7 +142,7 @@ class CowfsOperations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fd=h.fd if h is not None and h.writable and h.gen == node.gen else None)
-        return _attrs(node.ino, st)
+        return self._entry(node)
 
     @errno_boundary
     async def readlink(self, inode: int, ctx: Any) -> bytes:

@@ -22,7 +22,7 @@ ROOT_INO = 1
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "lower_st", "fds", "index", "lookups", "gen", "metacopy",
-                 "unlinked", "open_fds", "attr", "listing", "__weakref__")
+                 "unlinked", "open_fds", "attr", "listing", "extra_links", "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
                  layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:
@@ -44,6 +44,9 @@ class Node:
         self.open_fds: list[int] = []   # open data fds, for fstat after unlink
         self.attr: Any = None           # adapter's cached reply for immutable nodes
         self.listing: list[bytes] | None = None  # directories: merged names, cached
+        # Names of a copied-up lower hard link still only in the lower layer: they
+        # count in st_nlink, and are linked up when they are renamed.
+        self.extra_links = 0
 
     @property
     def is_dir(self) -> bool:

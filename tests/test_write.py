@@ -339,3 +339,22 @@ def test_modes_under_umask_and_truncating_open(tmp_path):
         return [oct(os.lstat(m / p).st_mode) for p in ("wide", "wide/f", "narrow")] + \
             [(m / "data/big").read_text()]
     both(tmp_path, script)
+
+
+def test_lower_hard_link_names_after_copy_up(tmp_path):
+    """Both names of a lower hard link stay one file once one is written (the
+    kernel needs index=on for this; cowfs does it during a mount)."""
+    bot = tmp_path / "bot"
+    write(bot / "a", "old")
+    os.link(bot / "a", bot / "b")
+    up, work, mnt = dirs(tmp_path)
+    with cowfs_mount([bot], up, work, mnt) as c:
+        with open(c / "a", "a") as f:
+            f.write("+new")
+        sa, sb = os.lstat(c / "a"), os.lstat(c / "b")
+        assert sa.st_ino == sb.st_ino and sa.st_nlink == sb.st_nlink == 2
+        assert (c / "b").read_text() == "old+new"
+        os.rename(c / "b", c / "c")
+        assert (c / "c").read_text() == "old+new" and os.lstat(c / "c").st_nlink == 2
+        os.unlink(c / "c")
+        assert os.lstat(c / "a").st_nlink == 1 and not (c / "b").exists()
