@@ -103,8 +103,9 @@ def _public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
 def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     """Rename the finished copy into place and make node an upper node."""
     assert node.parent is not None
-    if node.lower_st is not None and not node.is_dir:
-        node.extra_links = node.lower_st.st_nlink - 1
+    if node.layer != 0 and not node.is_dir:
+        lower_st = lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name)
+        node.extra_links = lower_st.st_nlink - 1
     pfd = ov.table.dir_fd(node.parent, 0)
     os.rename(tmp, node.name, src_dir_fd=ov.work_fd, dst_dir_fd=pfd)
     ov.numbers.keep(lstat_at(pfd, node.name), node.ino)
@@ -131,7 +132,6 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     _copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
     _install(ov, node, tmp)
     node.layers = (0,) + node.layers
-    node.lower_st = None
 
 
 async def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) -> None:
@@ -178,7 +178,6 @@ def _copy_up_special(ov: Overlay, node: Node) -> None:
     _copy_meta(ov, st, _public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
     _install(ov, node, tmp)
     node.lower_layer = None
-    node.lower_st = None
 
 
 def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
@@ -206,7 +205,6 @@ async def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
         os.close(src)
     _install(ov, node, tmp)
     node.lower_layer = None
-    node.lower_st = None
 
 
 def _copy_up_meta(ov: Overlay, node: Node) -> None:

@@ -43,14 +43,27 @@ async def open_file(ov: Overlay, node: Node, flags: int) -> Handle:
     if writable:
         await copy_up(ov, node, data=True, truncate=bool(flags & os.O_TRUNC))
     h = Handle(node, open_real(ov, node, writable, bool(flags & os.O_TRUNC)), writable)
-    node.open_fds.append(h.fd)
+    _track(node, h.fd)
     return h
+
+
+def _track(node: Node, fd: int) -> None:
+    if node.open_fds is None:
+        node.open_fds = []
+    node.open_fds.append(fd)
+
+
+def _untrack(node: Node, fd: int) -> None:
+    assert node.open_fds is not None
+    node.open_fds.remove(fd)
+    if not node.open_fds:
+        node.open_fds = None
 
 
 def attach(node: Node, fd: int) -> Handle:
     """A handle for a file just created in the upper layer."""
     h = Handle(node, fd, True)
-    node.open_fds.append(fd)
+    _track(node, fd)
     return h
 
 
@@ -58,10 +71,10 @@ def refresh(ov: Overlay, h: Handle) -> None:
     """Re-resolve a handle opened before its file was copied up (POSIX: readers
     see what writers wrote, whichever layer they opened)."""
     fd = open_real(ov, h.node, h.writable)
-    h.node.open_fds.remove(h.fd)
+    _untrack(h.node, h.fd)
     os.close(h.fd)
     h.fd, h.gen = fd, h.node.gen
-    h.node.open_fds.append(fd)
+    _track(h.node, fd)
 
 
 def read(ov: Overlay, h: Handle, off: int, size: int) -> bytes:
@@ -82,5 +95,5 @@ def fsync(ov: Overlay, h: Handle, datasync: bool) -> None:
 
 
 def release(h: Handle) -> None:
-    h.node.open_fds.remove(h.fd)
+    _untrack(h.node, h.fd)
     os.close(h.fd)

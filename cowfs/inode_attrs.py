@@ -23,10 +23,10 @@ def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
 
 def getattr_(ov: Overlay, node: Node) -> os.stat_result:
     if node.layer != 0:
-        if node.lower_st is None:
-            node.lower_st = (os.fstat(ov.layers[node.layer].fd) if node.parent is None  # type: ignore[union-attr]
-                             else lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name))
-        return node.lower_st
+        # (the adapter keeps the encoded reply of lower nodes: they never change)
+        if node.parent is None:
+            return os.fstat(ov.layers[node.layer].fd)  # type: ignore[union-attr]
+        return lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name)
     if node.unlinked:
         if node.open_fds:
             return os.fstat(node.open_fds[0])

@@ -17,11 +17,12 @@ if TYPE_CHECKING:
     from .overlay import Overlay
 
 ROOT_INO = 1
+_NO_FDS: dict[int, int] = {}
 
 
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
-                 "redirect", "lower_st", "fds", "index", "lookups", "gen", "metacopy",
+                 "redirect", "fds", "index", "lookups", "gen", "metacopy",
                  "unlinked", "open_fds", "attr", "listing", "extra_links", "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
@@ -34,14 +35,14 @@ class Node:
         self.lower_layer = lower_layer  # lower layer holding the data, if any
         self.layers = layers            # directories: every layer merged in, top first
         self.redirect: tuple[bytes, ...] | None = None  # lower path of a moved dir
-        self.lower_st: os.stat_result | None = None     # lower entries never change
-        self.fds: dict[int, int] = {}   # directories: open fd per layer (cached)
+        # directories: open fd per layer (cached); files share one empty dict
+        self.fds: dict[int, int] = {} if stat.S_ISDIR(mode) else _NO_FDS
         self.index: dict[bytes, list | None] | None = None  # merged lower entries
         self.lookups = 0
         self.gen = 0                    # bumped on copy-up: handles re-resolve
         self.metacopy = False           # upper holds metadata only, data is lower
         self.unlinked = False
-        self.open_fds: list[int] = []   # open data fds, for fstat after unlink
+        self.open_fds: list[int] | None = None  # open data fds, for fstat after unlink
         self.attr: Any = None           # adapter's cached reply for immutable nodes
         self.listing: list[bytes] | None = None  # directories: merged names, cached
         # Names of a copied-up lower hard link still only in the lower layer: they
@@ -134,10 +135,11 @@ class InodeTable:
         self._fd_count -= 1
 
     def close_fds(self, node: Node) -> None:
-        for fd in node.fds.values():
-            os.close(fd)
-        self._fd_count -= len(node.fds)
-        node.fds = {}
+        if node.fds:
+            for fd in node.fds.values():
+                os.close(fd)
+            self._fd_count -= len(node.fds)
+            node.fds = {}
         self._fd_lru.pop(node.ino, None)
 
     def _evict(self) -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .overlay import Overlay
 
 # A lower index entry: [layer, is_dir, layers merged (dirs), merge closed] and,
-# once looked up, its stat; None for a name whited out in some lower layer.
+# once looked up, its inode number; None for a name whited out in some lower layer.
 LowerEntry = list
 _MISSING = object()
 
@@ -120,11 +120,13 @@ def lower_entry(ov: Overlay, parent: Node, name: bytes) -> LowerEntry | None:
     return lower_index(ov, parent).get(name)
 
 
-def _existing(ov: Overlay, ino: int, parent: Node, name: bytes) -> Node | None:
+def _existing(ov: Overlay, ino: int, parent: Node, name: bytes,
+              layer: int | None = None) -> Node | None:
     node = ov.table.nodes.get(ino)
-    if node is not None and node.layer != 0 and not node.is_dir:
+    if layer is not None and node is not None and node.layer != 0 and not node.is_dir:
         # Another name of a lower hard link: remember the latest one seen.
         node.parent, node.name = parent, name
+        node.layer = node.lower_layer = layer
     return node
 
 
@@ -164,19 +166,21 @@ def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
 def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node:
     k = ent[0]
     if len(ent) > 4:
-        st = ent[4]      # lower entries never change: stat each one once
-    else:
-        st = lstat_at(ov.table.dir_fd(parent, k), name)
-        ent.append(st)
+        # Lower entries never change: a known one needs no syscall while its node lives.
+        node = _existing(ov, ent[4], parent, name, k)
+        if node is not None:
+            return node
+    st = lstat_at(ov.table.dir_fd(parent, k), name)
     ino = ov.numbers.number(st)
-    node = _existing(ov, ino, parent, name)
+    if len(ent) == 4:
+        ent.append(ino)
+    node = _existing(ov, ino, parent, name, k)
     if node is not None:
         return node
     if ent[1]:
         node = Node(ino, parent, name, st.st_mode, k, None, tuple(ent[2]))
     else:
         node = Node(ino, parent, name, st.st_mode, k, k)
-    node.lower_st = st
     ov.table.add(node)
     return node
 

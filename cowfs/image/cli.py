@@ -102,15 +102,20 @@ def cmd_mount(ns: argparse.Namespace) -> int:
     if is_mounted(mnt):
         raise UsageError(f"mountpoint '{mnt}' is already mounted")
     container = store.new_container(image, ns.upper, mnt)
-    opts = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in lowers) +
-            f",upperdir={container['upper']},workdir={container['work']}", *ns.opts]
-    cfg = parse_mount_options(opts, mnt)
-    validate(cfg)
+    rc = 1
     try:
-        from ..daemon import mount
-    except ImportError as e:
-        raise ImageError(f"the cowfs filesystem is not available ({e})") from None
-    rc = mount(cfg, foreground=ns.foreground)
+        opts = ["lowerdir=" + ":".join(p.replace(":", "\\:") for p in lowers) +
+                f",upperdir={container['upper']},workdir={container['work']}", *ns.opts]
+        cfg = parse_mount_options(opts, mnt)
+        validate(cfg)
+        try:
+            from ..daemon import mount
+        except ImportError as e:
+            raise ImageError(f"the cowfs filesystem is not available ({e})") from None
+        rc = mount(cfg, foreground=ns.foreground)
+    finally:
+        if rc != 0:  # nothing was mounted: no container either
+            store.discard_container(container["id"])
     if rc == 0 and not ns.foreground:
         print(f"mounted {image['name']} at {mnt} (container {container['id']}, "
               f"upper {container['upper']})")

@@ -304,6 +304,10 @@ class Store:
         write_json_atomic(os.path.join(cdir, "container.json"), rec)
         return rec
 
+    def discard_container(self, cid: str) -> None:
+        """Forget a container and delete its dir (an --upper outside it stays)."""
+        self._discard(os.path.join(self.containers_dir, cid))
+
     def containers(self) -> list[dict]:
         try:
             ids = sorted(os.listdir(self.containers_dir))
@@ -357,7 +361,7 @@ class Store:
                            os.path.realpath(c["upper"]) for m in _live_mount_records()):
                         raise ImageError(f"container {ref} is mounted at {c['mountpoint']}; "
                                          "unmount it first")
-                    self._discard(os.path.join(self.containers_dir, ref))
+                    self.discard_container(ref)
                     return f"container {ref}"
         raise ImageError(f"no image or container {ref!r} in the store {self.root}")
 
