@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .overlay import Overlay
 
 NAME_MAX = 255
+SHARED_WHITEOUT = b"whiteout"
 
 
 def check_name(name: bytes) -> None:
@@ -177,9 +178,26 @@ async def link(ov: Overlay, node: Node, new_parent: Node, new_name: bytes) -> No
     return node
 
 
+def _link_whiteout(ov: Overlay, dfd: int, name: bytes) -> None:
+    """A whiteout as a hard link to one shared whiteout in work/: a link costs a
+    third of a mknod (overlayfs does the same since Linux 5.8)."""
+    for _ in range(2):
+        try:
+            os.link(SHARED_WHITEOUT, name, src_dir_fd=ov.work_fd, dst_dir_fd=dfd)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EMLINK):
+                raise
+        # First use, or the shared one is out of links: make a fresh one.
+        tmp = ov.tmp_name()
+        make_whiteout(ov.work_fd, tmp)
+        os.rename(tmp, SHARED_WHITEOUT, src_dir_fd=ov.work_fd, dst_dir_fd=ov.work_fd)
+    make_whiteout(dfd, name)
+
+
 def _whiteout(ov: Overlay, ufd: int, name: bytes) -> None:
     try:
-        make_whiteout(ufd, name)
+        _link_whiteout(ov, ufd, name)
     except PermissionError:
         if not ov.wh_fallback:
             raise
@@ -188,7 +206,7 @@ def _whiteout(ov: Overlay, ufd: int, name: bytes) -> None:
 
 def _new_whiteout(ov: Overlay) -> bytes:
     tmp = ov.tmp_name()
-    make_whiteout(ov.work_fd, tmp)
+    _link_whiteout(ov, ov.work_fd, tmp)
     return tmp
 
 

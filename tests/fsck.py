@@ -11,8 +11,8 @@ from cowfs.overlay import Overlay
 
 def check_invariants(ov: Overlay) -> None:
     assert ov.table.nodes[ROOT_INO] is ov.root
-    # work/ holds nothing once every operation has finished
-    assert os.listdir(ov.work_fd) == []
+    # work/ holds nothing but the shared whiteout once every operation has finished
+    assert set(os.listdir(ov.work_fd)) <= {"whiteout"}
     for ino, node in ov.table.nodes.items():
         assert node.ino == ino
         if node.unlinked or node.parent is None:
