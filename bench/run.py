@@ -420,7 +420,15 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"bench: wrote {results_md}")
     if ns.profile and Ctx.profile_dir.is_dir():
         from pyspy import summarize
-        text = summarize(sorted(Ctx.profile_dir.glob("*.txt")))
+        head = (f"# Where the cowfs daemon spends its time\n\n"
+                f"py-spy samples of the daemon (250 Hz, --nonblocking) during each measured "
+                f"step of `scripts/bench --profile` on {meta['date']}, "
+                f"{meta['versions'].get('cowfs', '?')}. Samples where the daemon waits in "
+                f"epoll are left out, so the percentages are of its busy time; "
+                f"`async_wrapper (_pyfuse3.py)` is pyfuse3's compiled request loop (reading "
+                f"requests from /dev/fuse, sending replies). Left: self time per function; "
+                f"right: inclusive time of cowfs's own functions.\n\n")
+        text = head + summarize(sorted(Ctx.profile_dir.glob("*.txt")))
         (Ctx.profile_dir / "summary.md").write_text(text)
         console.print(f"bench: profile summary in {Ctx.profile_dir / 'summary.md'}")
     console.print(f"bench: results in {ns.out} ({elapsed:.0f}s)")
