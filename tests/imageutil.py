@@ -139,7 +139,8 @@ def cowfs(*args: str, store: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 def umoci(*args: str) -> None:
-    subprocess.run([UMOCI or "umoci", *args], check=True, capture_output=True)
+    res = subprocess.run([UMOCI or "umoci", *args], capture_output=True, text=True)
+    assert res.returncode == 0, f"umoci {' '.join(args)}: {res.stderr[-2000:]}"
 
 
 def umoci_unpack(image: str, bundle: Path) -> Path:
@@ -210,7 +211,9 @@ def scratch(request: pytest.FixtureRequest) -> Iterator[Path]:
     base.mkdir(parents=True, exist_ok=True)
     d = Path(tempfile.mkdtemp(prefix=request.node.name[:40].replace("/", "_") + "-", dir=base))
     yield d
-    if not _mounted_below(d):  # never delete through a mount that failed to go away
+    if os.environ.get("COWFS_IMAGE_KEEP"):
+        print(f"kept {d}")
+    elif not _mounted_below(d):  # never delete through a mount that failed to go away
         shutil.rmtree(d, ignore_errors=True)
 
 

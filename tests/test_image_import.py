@@ -234,3 +234,34 @@ def test_import_mount_matches_umoci_unpack(scratch: Path) -> None:
         assert_same_tree(mnt, want)
         assert "sub" not in os.listdir(mnt / "data") and os.listdir(mnt / "opq") == ["fresh"]
         assert snapshot(mnt)["data/a"] == snapshot(want)["data/a"]
+
+
+def test_multi_platform_index_picks_this_host(scratch: Path) -> None:
+    layout = scratch / "oci"
+    m = write_layout(layout, "x", [BASE])
+    index = json.loads((layout / "index.json").read_text())
+    own = index["manifests"][0]
+    other = {**own, "digest": put_blob(layout, json.dumps({**m, "layers": []}).encode())}
+    other.pop("annotations")
+    own = {k: v for k, v in own.items() if k != "annotations"}
+    sub = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+           "manifests": [{**other, "platform": {"os": "linux", "architecture": "s390x"}},
+                         {**own, "platform": {"os": "linux", "architecture": "amd64"}}]}
+    data = json.dumps(sub).encode()
+    index["manifests"] = [{"mediaType": sub["mediaType"], "digest": put_blob(layout, data),
+                           "size": len(data),
+                           "annotations": {"org.opencontainers.image.ref.name": "multi"}}]
+    (layout / "index.json").write_text(json.dumps(index))
+    if os.uname().machine != "x86_64":
+        pytest.skip("the index is written for amd64")
+    assert len(open_source(f"{layout}:multi").layers) == 1
+
+
+def test_mount_errors(scratch: Path) -> None:
+    res = cowfs("image", "mount", "nope", str(scratch), store=scratch / "s", check=False)
+    assert res.returncode == 1 and "no image 'nope'" in res.stderr
+    write_layout(scratch / "oci", "v1", [BASE])
+    cowfs("image", "import", f"{scratch}/oci:v1", store=scratch / "s")
+    res = cowfs("image", "mount", "oci:v1", str(scratch / "missing"), store=scratch / "s",
+                check=False)
+    assert res.returncode == 2 and "does not exist" in res.stderr
