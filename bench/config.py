@@ -29,7 +29,7 @@ class Config:
     lookup_layers: list[int] = field(default_factory=lambda: [1, 5, 20, 100])
     copyup_layers: list[int] = field(default_factory=lambda: [1])
     memory_layers: list[int] = field(default_factory=lambda: [5])
-    repeat: int = 3
+    repeat: int = 5
     timeout: float = 900.0            # one measurement step; then the mount is torn down
     mount_timeout: float = 60.0
     seed: int = 5

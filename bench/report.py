@@ -51,6 +51,61 @@ def summarize(cfg: Config, raw: dict, backends: list[str]) -> list[dict]:
     return rows
 
 
+SUMMARY_GROUPS = [   # (title, metric keys)
+    ("1-2. sequential read, hot and cold", ["read_hot", "read_cold"]),
+    ("3. lstat of many files, first and warm", ["stat_first", "stat_warm"]),
+    ("4. find, first and warm", ["find_first", "find_warm"]),
+    ("5. big directory: list, list + lstat", ["ls_first", "ls_lstat_first"]),
+    ("6. lookups as layers grow", ["lookup_bottom", "lookup_missing"]),
+    ("7. copy-up by append + fsync", ["copyup_append_small", "copyup_append_large"]),
+    ("7. chmod of a big lower file", ["copyup_chmod_large", "copyup_chmod_sync_large"]),
+    ("7. cp + sync of a big file", ["cp_sync_large"]),
+    ("8. small files, whiteouts", ["small_create", "small_unlink", "delete_lower"]),
+    ("9. untar / du / tar job", ["job_untar", "job_du", "job_tar", "job_total"]),
+    ("10. daemon RSS", ["rss_idle", "rss_walk", "rss_forget"]),
+]
+
+
+def summary(rows: list[dict], backends: list[str]) -> list[list[str]]:
+    """Per group: geometric mean of each ratio over its rows (all layer counts)."""
+    _, ratio_cols = table_columns(backends)
+    out = []
+    for title, keys in SUMMARY_GROUPS:
+        grows = [r for r in rows if r["metric"] in keys]
+        if not grows:
+            continue
+        cells = [title, str(len(grows))]
+        for a, ref in ratio_cols:
+            vals = [r["ratios"][f"{a}/{ref}"]["median"] for r in grows
+                    if f"{a}/{ref}" in r["ratios"] and r["ratios"][f"{a}/{ref}"]["median"] > 0]
+            cells.append(f"{statistics.geometric_mean(vals):.2f}x" if vals else "-")
+        out.append(cells)
+    return out
+
+
+def summary_markdown(rows: list[dict], backends: list[str]) -> str:
+    _, ratio_cols = table_columns(backends)
+    head = ["workload", "rows"] + [f"{SHORT[a]}/{SHORT[r]}" for a, r in ratio_cols]
+    lines = ["| " + " | ".join(head) + " |", "|---|--:|" + "--:|" * len(ratio_cols)]
+    for c in summary(rows, backends):
+        lines.append("| " + " | ".join(c) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_summary(rows: list[dict], backends: list[str]):
+    from rich.table import Table
+    _, ratio_cols = table_columns(backends)
+    t = Table(title="Summary: geometric mean of the cost ratios per workload "
+                    "(>1 = first is slower)", header_style="bold")
+    t.add_column("workload")
+    t.add_column("rows", justify="right")
+    for a, r in ratio_cols:
+        t.add_column(f"{SHORT[a]}/{SHORT[r]}", justify="right", style="cyan")
+    for c in summary(rows, backends):
+        t.add_row(*c[:2], *[_color_ratio(x) for x in c[2:]])
+    return t
+
+
 def fmt_value(v: float | None, unit: str) -> str:
     if v is None:
         return "-"

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", type=_csv("workload", WORKLOADS), default=list(WORKLOADS),
                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--repeat", type=int, default=None,
-                   help="runs of everything; medians are reported (default 3, quick 1)")
+                   help="runs of everything; medians are reported (default 5, quick 1)")
     p.add_argument("--layers", type=_ints, default=None,
                    help="layer counts for the layered workloads (default 1,5,20)")
     p.add_argument("--lookup-layers", type=_ints, default=None,
@@ -263,8 +263,9 @@ class Runner:
         cleanup_stale(self.root)
 
 
-def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, failures: list,
-                     status: dict, chart_name: str | None, elapsed: float) -> None:
+def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary_md: str,
+                     failures: list, status: dict, chart_name: str | None,
+                     elapsed: float) -> None:
     v = meta["versions"]
     lines = [
         "# cowfs benchmark results", "",
@@ -289,7 +290,9 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, failure
         "layers. `plain` is one ordinary directory holding the union of the layers "
         "(for copy-up rows: the same write on a plain file, i.e. no copy-up at all). "
         "`FAIL` is a step that failed (see below), `-` a step that does not apply.", "",
-        md_table, ""]
+        "## Summary", "",
+        "Geometric mean of each cost ratio over a workload's rows (all layer counts):", "",
+        summary_md, "", "## All measurements", "", md_table, ""]
     if chart_name:
         lines += [f"![cost relative to kernel overlayfs]({chart_name})", ""]
     lines += ["## Methodology", "",
@@ -305,7 +308,14 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, failure
               "row copies the same file within the same mount (plain: the same disk).",
               "- Memory: RSS (VmRSS) of the FUSE daemon process (found through its argv), "
               "settled; after the walk and again after `echo 2 > drop_caches` makes the "
-              "kernel forget the inodes.", ""]
+              "kernel forget the inodes.",
+              "- Noise on this VM: its disk writes recently freed blocks several times "
+              "faster than long-free ones, so each copy-up step first writes and deletes a "
+              "primer file of the same size; file creation on the ext4 scratch disk swings "
+              "several-fold between runs for every backend alike (plain included), so "
+              "rows 8 and 9 have a wide spread: read their ratios, which are taken within "
+              "one run, rather than the absolute times. Other engineers' work shares the "
+              "two CPUs.", ""]
     if failures:
         lines += ["## Failures", ""]
         seen = set()
@@ -392,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"cowfs benchmark{' (quick)' if cfg.quick else ''}: {meta['date']}, "
              f"{meta['nproc']} CPUs, kernel {meta['kernel']}, {cfg.repeat} run(s)")
     out_console.print(report.rich_table(rows, backends, title))
+    out_console.print(report.rich_summary(rows, backends))
     for b, s in runner.status.items():
         if s != "ok":
             console.print(f"backend {b}: {s}", style="yellow")
@@ -400,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"run {f['repeat']}: {f['error']}", style="red", highlight=False)
     if len(runner.failures) > 20:
         console.print(f"  ... and {len(runner.failures) - 20} more (see results.json)")
-    (ns.out / "table.txt").write_text(title + "\n\n" + report.text_table(rows, backends))
+    summary_md = report.summary_markdown(rows, backends)
+    (ns.out / "table.txt").write_text(title + "\n\n" + report.text_table(rows, backends) +
+                                      "\nSummary (geometric mean of the ratios per workload):"
+                                      "\n\n" + summary_md)
     md = report.markdown_table(rows, backends)
     (ns.out / "table.md").write_text(md)
     report.write_json(ns.out / "results.json", meta, cfg, rows, runner.failures, backends,
@@ -415,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         if have_chart:
             chart_name = "results.png"
             shutil.copyfile(ns.out / "chart.png", results_md.parent / chart_name)
-        write_results_md(results_md, meta, cfg, md, runner.failures, runner.status,
-                         chart_name, elapsed)
+        write_results_md(results_md, meta, cfg, md, summary_md, runner.failures,
+                         runner.status, chart_name, elapsed)
         console.print(f"bench: wrote {results_md}")
     if ns.profile and Ctx.profile_dir.is_dir():
         from pyspy import summarize
