@@ -190,12 +190,19 @@ def snapshot(root: Path, dir_mtimes: bool = True, file_mtimes: bool = True
     return {k: tuple(sorted(v.items())) for k, v in sorted(out.items())}
 
 
-def assert_same_tree(got: Path, want: Path, dir_mtimes: bool = True,
-                     file_mtimes: bool = True) -> None:
+def tree_diffs(got: Path, want: Path, dir_mtimes: bool = True,
+               file_mtimes: bool = True) -> str:
+    """'' when two trees look the same, else their first differences."""
     a, b = snapshot(got, dir_mtimes, file_mtimes), snapshot(want, dir_mtimes, file_mtimes)
     diffs = [f"{k}:\n  got  {a.get(k)}\n  want {b.get(k)}"
              for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    assert not diffs, f"{got} differs from {want}:\n" + "\n".join(diffs[:20])
+    return f"{got} differs from {want}:\n" + "\n".join(diffs[:20]) if diffs else ""
+
+
+def assert_same_tree(got: Path, want: Path, dir_mtimes: bool = True,
+                     file_mtimes: bool = True) -> None:
+    diffs = tree_diffs(got, want, dir_mtimes, file_mtimes)
+    assert not diffs, diffs
 
 
 def _mounted_below(path: Path) -> bool:

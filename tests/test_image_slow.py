@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from cowfs.image.store import Store
+
 from .imageutil import (assert_same_tree, cowfs, mount_kind, needs_root, needs_umoci, scratch,
-                        umoci_unpack, write_layout)
+                        tree_diffs, umoci_unpack, write_layout)
+from .mountutil import kernel_mount
 from .test_image_commit import image_mount
 
 __all__ = ["mount_kind", "scratch"]
@@ -72,9 +75,16 @@ def test_debian_apt_install_commit_round_trip(debian_layout: Path, scratch: Path
         cowfs("commit", str(mnt), "-o", str(scratch / "layer.tar.gz"),
               "--image", f"{layout}:hello", store=store)
         got = umoci_unpack(f"{layout}:hello", scratch / "b1")
-        assert_same_tree(got, mnt, file_mtimes=mount_kind == "kernel")
+        mount_diffs = tree_diffs(got, mnt, file_mtimes=mount_kind == "kernel")
         if shutil.which("runc"):
             run_in_runc(mnt, scratch / "b1" / "config.json", scratch / "runc")
+    # What the kernel makes of the upper dir is what the committed layer holds.
+    s = Store(str(store))
+    lowers = [Path(p) for p in s.lower_dirs(s.image("deb"))]
+    with kernel_mount([scratch / "upper", *lowers], None, None, scratch / "mnt2",
+                      "redirect_dir=follow,metacopy=on") as mnt2:
+        assert_same_tree(got, mnt2)
+    assert not mount_diffs, mount_diffs
 
 
 def run_in_runc(mnt: Path, umoci_config: Path, bundle: Path) -> None:

@@ -1,2 +1,14 @@
-"""Container images as cowfs layers: import OCI/docker archives into a
-content-addressed layer store, mount an image, and diff/commit its upper dir."""
+"""Container images as cowfs layers.
+
+    cowfs image import DIR[:TAG] | ARCHIVE.tar   OCI layout or `docker save` archive
+    cowfs image ls [--layers]                    images, containers, layers and users
+    cowfs image rm IMAGE|CONTAINER...            layers go once nothing uses them
+    cowfs image mount IMAGE MNT [--upper DIR]    the image's layers + a writable upper
+    cowfs diff MNT|UPPER [--lower DIR...]        A/C/D per path, as `docker diff`
+    cowfs commit MNT|UPPER -o LAYER.tar[.gz|.zst] [--image DIR:TAG]
+
+Modules: oci (reading images, digest checks), unpack (safe tar extraction),
+store (the content-addressed layer store), ovlformat and merged (the overlay
+on-disk format and a merged view of a layer stack), changes (diff), commit
+(layer tarballs and OCI layouts), cli (the subcommands).
+"""

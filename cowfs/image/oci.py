@@ -351,7 +351,7 @@ def _docker_archive(tf: tarfile.TarFile, path: str, tag: str | None) -> ImageSou
         except KeyError:
             raise ImageError(f"{path}: layer {lname!r} is missing from the archive") from None
         layers.append(LayerRef(what=f"layer {lname}", diff_id=diff_id, digest=digest,
-                               media_type=MT_OCI_LAYER, size=None,
+                               media_type=MT_OCI_LAYER, size=member.size,
                                opener=lambda m=member: tf.extractfile(m)))  # type: ignore
     repo_tags = entry.get("RepoTags") or []
     name = repo_tags[0] if repo_tags else \
