@@ -114,13 +114,20 @@ def write_layout(layout: Path, tag: str, layers: list[bytes],
     return manifest
 
 
-def write_docker_archive(path: Path, repo_tag: str, layers: list[bytes]) -> None:
-    """A `docker save` archive in the classic format (HEX.json, ID/layer.tar)."""
+def write_docker_archive(path: Path, repo_tag: str, layers: list[bytes],
+                         blob_names: bool = False) -> None:
+    """A `docker save` archive: classic (HEX.json, ID/layer.tar) or, with
+    blob_names, as docker 25 writes it (blobs/sha256/HEX)."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
                          "rootfs": {"type": "layers",
                                     "diff_ids": [sha(t) for t in layers]}}).encode()
-    cname = sha(config)[7:] + ".json"
-    names = [f"{hashlib.sha256(str(i).encode()).hexdigest()}/layer.tar" for i in range(len(layers))]
+    if blob_names:
+        cname = "blobs/sha256/" + sha(config)[7:]
+        names = ["blobs/sha256/" + sha(t)[7:] for t in layers]
+    else:
+        cname = sha(config)[7:] + ".json"
+        names = [f"{hashlib.sha256(str(i).encode()).hexdigest()}/layer.tar"
+                 for i in range(len(layers))]
     manifest = json.dumps([{"Config": cname, "RepoTags": [repo_tag], "Layers": names}]).encode()
     with tarfile.open(path, "w") as tf:
         for name, data in [(cname, config), *zip(names, layers), ("manifest.json", manifest)]:

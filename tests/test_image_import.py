@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from cowfs.image.oci import LayerRef, open_source
 from cowfs.image.store import Store
 
 from .imageutil import (assert_same_tree, build_umoci_image, compress, cowfs, directory, file,
-                        needs_root, needs_umoci, put_blob, scratch, sha, snapshot, symlink,
+                        member, needs_root, needs_umoci, put_blob, scratch, sha, snapshot, symlink,
                         tar_bytes, umoci_unpack, write_docker_archive, write_layout)
 from .mountutil import kernel_mount
 
@@ -52,8 +53,9 @@ def test_oci_layout_compressions(scratch: Path, compression: object) -> None:
     assert store.lower_dirs(image)[0] == str(layer_tree(store, TOP))
 
 
-def test_docker_save_archive(scratch: Path) -> None:
-    write_docker_archive(scratch / "img.tar", "example/app:1.0", [BASE, TOP])
+@pytest.mark.parametrize("blob_names", [False, True])
+def test_docker_save_archive(scratch: Path, blob_names: bool) -> None:
+    write_docker_archive(scratch / "img.tar", "example/app:1.0", [BASE, TOP], blob_names)
     res = cowfs("image", "import", str(scratch / "img.tar"), store=scratch / "store")
     assert "imported example/app:1.0" in res.stdout
     store = Store(str(scratch / "store"))
@@ -265,3 +267,49 @@ def test_mount_errors(scratch: Path) -> None:
     res = cowfs("image", "mount", "oci:v1", str(scratch / "missing"), store=scratch / "s",
                 check=False)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+@needs_root
+def test_unprivileged_import_keeps_oci_whiteouts(scratch: Path) -> None:
+    """As a normal user: `.wh.` files stay (cowfs reads both forms), devices are
+    skipped, and nothing needs root."""
+    evil_dev = tar_bytes([directory("dev"), member("dev/null", tarfile.CHRTYPE, dev=(1, 3)), file("dev/.wh.old"),
+                          directory("opq"), file("opq/.wh..wh..opq"), file("opq/x", b"x")])
+    write_layout(scratch / "oci", "v1", [BASE, evil_dev])
+    os.chmod(scratch, 0o755)
+    store_dir = scratch / "store"
+    store_dir.mkdir()
+    os.chown(store_dir, 65534, 65534)
+    pid = os.fork()
+    if pid == 0:  # the child drops to nobody and imports
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            src = open_source(f"{scratch}/oci:v1")
+            summary = Store(str(store_dir)).import_image(src, progress=False)
+            code = 0 if any("device node" in w for w in summary.warnings) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    top = Path(Store(str(store_dir)).layer_root(sha(evil_dev)))
+    assert sorted(os.listdir(top / "dev")) == [".wh.old"]
+    assert sorted(os.listdir(top / "opq")) == [".wh..wh..opq", "x"]
+    assert (top / "opq" / "x").stat().st_uid == 65534
+    assert json.loads((top.parent / "layer.json").read_text())["whiteouts"] == "oci"
+
+
+def test_docker_archive_with_a_tampered_layer(scratch: Path) -> None:
+    write_docker_archive(scratch / "img.tar", "x:1", [BASE, TOP], blob_names=True)
+    with tarfile.open(scratch / "img.tar") as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]  # type: ignore
+    with tarfile.open(scratch / "bad.tar", "w") as tf:
+        for m, data in members:
+            if m.name == "blobs/sha256/" + sha(TOP)[7:]:
+                data = data.replace(b"hi\n", b"ho\n")
+            tf.addfile(m, io.BytesIO(data))
+    res = cowfs("image", "import", str(scratch / "bad.tar"), store=scratch / "store", check=False)
+    assert res.returncode == 1 and sha(TOP) in res.stderr and "mismatch" in res.stderr
+    assert store_state(scratch / "store") == ([], [], [])
