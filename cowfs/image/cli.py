@@ -22,11 +22,11 @@ def _store(ns: argparse.Namespace) -> Store:
 
 
 def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """ImageError (a failed operation, not a bad argument) -> message, exit 1."""
+    """A failed operation (not a bad argument) -> its message, exit 1."""
     def run(ns: argparse.Namespace) -> int:
         try:
             return func(ns)
-        except ImageError as e:
+        except (ImageError, OSError) as e:
             print(f"cowfs: {e}", file=sys.stderr)
             return 1
     return run

@@ -124,7 +124,8 @@ class VerifiedLayerStream:
         self.tar = HashingReader(inner)
 
     def open_tar(self) -> tarfile.TarFile:
-        return tarfile.open(fileobj=self.tar, mode="r|")  # type: ignore[arg-type]
+        return tarfile.open(fileobj=self.tar, mode="r|",  # type: ignore[call-overload]
+                            bufsize=1 << 16)
 
     def check_blob(self) -> None:
         """Hash the rest of the blob; raise if it is not the one the manifest names."""

@@ -240,28 +240,25 @@ class Store:
         os.mkdir(tmp, 0o700)
         try:
             os.mkdir(os.path.join(tmp, "root"), 0o755)
-            root_fd = os.open(os.path.join(tmp, "root"), os.O_RDONLY | os.O_DIRECTORY)
-            bar = tqdm(total=lr.size, unit="B", unit_scale=True, file=sys.stderr, leave=True,
-                       desc=lr.diff_id[7:19],
-                       disable=(not sys.stderr.isatty()) if progress is None else not progress)
-            stack = Stack(below) if below else None
-            unpacker = Unpacker(root_fd, privileged=privileged, overlay_whiteouts=privileged,
-                                below=stack)
-            stream = VerifiedLayerStream(lr, bar.update)
-            try:
+            with contextlib.ExitStack() as cleanup:
+                root_fd = os.open(os.path.join(tmp, "root"), os.O_RDONLY | os.O_DIRECTORY)
+                cleanup.callback(os.close, root_fd)
+                bar = cleanup.enter_context(tqdm(
+                    total=lr.size, unit="B", unit_scale=True, file=sys.stderr, leave=True,
+                    desc=lr.diff_id[7:19],
+                    disable=(not sys.stderr.isatty()) if progress is None else not progress))
+                stack = cleanup.enter_context(Stack(below)) if below else None
+                unpacker = Unpacker(root_fd, privileged=privileged,
+                                    overlay_whiteouts=privileged, below=stack)
+                cleanup.callback(unpacker.close)
+                stream = VerifiedLayerStream(lr, bar.update)
+                cleanup.callback(stream.close)
                 try:
                     with stream.open_tar() as tf:
                         stats = unpacker.extract(tf)
                 except (*DECODE_ERRORS, ImageError) as e:
                     raise stream.failed(e) from None
                 stream.verify()
-            finally:
-                unpacker.close()
-                if stack is not None:
-                    stack.close()
-                stream.close()
-                bar.close()
-                os.close(root_fd)
             summary.blob_bytes += stream.blob.count
             summary.file_bytes += stats.file_bytes
             summary.warnings += [f"{lr.what}: {w}" for w in stats.warnings]

@@ -178,6 +178,7 @@ class Unpacker:
                 break
             if m is None:
                 break
+            tf.members.clear()  # a stream needs no index: keep memory flat on big layers
             self.entry(m, tf)
         self.finish()
         return self.stats
