@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from cowfs.image.changes import diff
 from cowfs.image.commit import write_layer
+from cowfs.image.errors import ImageError
 from cowfs.image.store import Store
 
 from .imageutil import (COWFS, assert_same_tree, build_umoci_image, cowfs, mount_kind,
@@ -192,3 +194,22 @@ def test_commit_a_container_upper(scratch: Path) -> None:
     assert cowfs("diff", c["upper"], store=store).stdout == "D /etc\n"
     res = cowfs("commit", c["upper"], "-o", str(scratch / "l.tar"), store=store)
     assert "diff_id" in res.stdout and list(members(scratch / "l.tar")) == [".wh.etc"]
+
+
+@pytest.mark.parametrize("value", [b"/../outside", b"../outside", b"a/../../outside", b".."])
+def test_hostile_redirects_stay_inside(scratch: Path, value: bytes) -> None:
+    """A redirect never leads out of the layers, whatever an upper dir says."""
+    outside, lower, upper = scratch / "outside", scratch / "lower", scratch / "upper"
+    for d in (outside, lower / "a", upper / "evil"):
+        d.mkdir(parents=True)
+    (outside / "secret").write_text("secret")
+    os.setxattr(upper / "evil", OVL + "redirect", value)
+    (upper / "meta").touch()
+    os.setxattr(upper / "meta", OVL + "metacopy", b"")
+    os.setxattr(upper / "meta", OVL + "redirect", b"/../outside/secret")
+    assert [str(c) for c in diff(str(upper), [str(lower)])] == ["A /evil", "A /meta"]
+    with pytest.raises(ImageError, match="in no lower layer"):
+        write_layer(str(upper), [str(lower)], str(scratch / "l.tar"))
+    os.unlink(upper / "meta")
+    write_layer(str(upper), [str(lower)], str(scratch / "l.tar"))
+    assert list(members(scratch / "l.tar")) == ["evil"]

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import zstandard
 
 from .errors import ImageError
-from .merged import Entry, Parts, Source, Stack, close_sources, list_merged
+from .merged import Entry, Parts, Source, Stack, close_sources, list_merged, redirect_path
 from .oci import (MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST, REF_NAME, check_digest,
                   sha256_digest, split_ref)
 from .ovlformat import OPAQUE_MARKER, WH_PREFIX, is_metacopy, is_opaque, redirect, user_xattrs
@@ -164,7 +164,7 @@ class Committer:
                               dir_fd=n.dir_fd)
                 try:
                     sub_full = is_opaque(n.dir_fd, name, nfd) or \
-                        redirect(n.dir_fd, name) is not None
+                        redirect_path(path, redirect(n.dir_fd, name)) is not None
                 finally:
                     os.close(nfd)
                 if sub_full:
@@ -224,8 +224,7 @@ class Committer:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         if e.layer != 0 or not is_metacopy(e.dir_fd, e.name):
             return os.open(e.name, flags, dir_fd=e.dir_fd)
-        target = redirect(e.dir_fd, e.name)
-        data_path = tuple(x for x in target.split(b"/") if x) if target else p
+        data_path = redirect_path(p[:-1], redirect(e.dir_fd, e.name)) or p
         found = self.stack.lookup(data_path, first=1)
         if found is None:
             raise ImageError(f"{os.fsdecode(b'/'.join(p))}: metacopy file whose data "

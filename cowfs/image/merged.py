@@ -110,9 +110,9 @@ class Stack:
                 out.append(Source(src.layer, fd))
                 if is_opaque(src.fd, name, fd):
                     break
-                target = redirect(src.fd, name)
+                target = redirect_path(parent, redirect(src.fd, name))
                 if target is not None and src.layer + 1 < len(self.fds):
-                    out += self.dir_sources(redirect_path(parent, target), src.layer + 1)
+                    out += self.dir_sources(target, src.layer + 1)
                     break
         except BaseException:
             close_sources(out)
@@ -131,11 +131,19 @@ class Stack:
         return hit, sources
 
 
-def redirect_path(parent: Parts, value: bytes) -> Parts:
-    """An overlay.redirect value: absolute from the layer root, or a name in parent."""
+def redirect_path(parent: Parts, value: bytes | None) -> Parts | None:
+    """Where an overlay.redirect value points: absolute from the layer root, or a
+    name in parent.  None for no value or a bad one: like the kernel, a redirect
+    never leads up ('..') and a relative one is a single name."""
+    if value is None:
+        return None
     if value.startswith(b"/"):
-        return tuple(p for p in value.split(b"/") if p)
-    return parent + (value,)
+        parts = tuple(p for p in value.split(b"/") if p not in (b"", b"."))
+    elif b"/" in value or value in (b"", b"."):
+        return None
+    else:
+        parts = parent + (value,)
+    return None if b".." in parts else parts
 
 
 def list_merged(sources: list[Source]) -> dict[bytes, Entry]:
