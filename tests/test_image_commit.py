@@ -21,7 +21,8 @@ from cowfs.image.errors import ImageError
 from cowfs.image.store import Store
 
 from .imageutil import (COWFS, assert_same_tree, build_umoci_image, cowfs, mount_kind,
-                        needs_root, needs_umoci, scratch, snapshot, umoci_unpack)
+                        needs_root, needs_umoci, recreate_dir, scratch, snapshot,
+                        umoci_unpack)
 from .mountutil import kernel_mount, mounted
 
 __all__ = ["mount_kind", "scratch"]
@@ -87,7 +88,7 @@ def test_commit_cli_needs_an_output(scratch: Path) -> None:
 
 # -- round trips through real mounts ----------------------------------------------------
 
-def mutate(mnt: Path) -> None:
+def mutate(mnt: Path, mount_kind: str) -> None:
     """Every kind of change an upper dir can record."""
     (mnt / "etc" / "hostname").write_text("changed\n")            # copy-up, owner kept
     os.chmod(mnt / "etc" / "big", 0o600)                          # metacopy (kernel)
@@ -95,7 +96,7 @@ def mutate(mnt: Path) -> None:
     os.unlink(mnt / "data" / "sym")
     os.rename(mnt / "data", mnt / "moved")                        # redirected dir
     shutil.rmtree(mnt / "opq")
-    (mnt / "opq").mkdir()                                         # opaque dir
+    recreate_dir(mnt / "opq", mount_kind)                         # opaque dir
     (mnt / "opq" / "z").write_text("z\n")
     (mnt / "new" / "deep").mkdir(parents=True)
     (mnt / "new" / "f").write_text("f\n")
@@ -140,7 +141,7 @@ def test_round_trip(scratch: Path, mount_kind: str) -> None:
     layer = scratch / "layer.tar.gz"
     with image_mount(mount_kind, store, "t", scratch / "mnt", scratch / "upper") as mnt:
         assert_same_tree(mnt, want)
-        mutate(mnt)
+        mutate(mnt, mount_kind)
         changes = cowfs("diff", str(mnt), store=store).stdout.splitlines()
         for line in ("C /etc/hostname", "C /etc/big", "D /data", "A /moved", "A /moved/a",
                      "C /opq", "D /opq/fresh", "A /opq/z", "A /new/deep/f-link", "A /tmp/made"):

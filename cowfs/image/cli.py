@@ -14,7 +14,7 @@ from .changes import diff
 from .commit import append_image, write_layer
 from .errors import ImageError
 from .oci import open_source
-from .store import Store, human_size
+from .store import Store, human_size, live_mount_records
 
 
 def _store(ns: argparse.Namespace) -> Store:
@@ -175,6 +175,10 @@ def resolve_layers(target: str, lowers: list[str] | None, store: Store) -> tuple
     container = store.container_for_upper(target)
     if container is not None:
         return target, [store.layer_root(d) for d in reversed(container["layers"])]
+    real = os.path.realpath(target)
+    for rec in live_mount_records():
+        if rec.get("upperdir") and os.path.realpath(rec["upperdir"]) == real:
+            return target, rec["lowerdirs"]
     raise UsageError(f"cannot tell which layers are below '{target}': give a mount point, "
                      "or --lower DIR (repeat, top layer first)")
 

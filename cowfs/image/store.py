@@ -338,7 +338,7 @@ class Store:
         for d in self.layer_ids():
             if d not in used and self.layer_root(d) in mountinfo:
                 used[d] = "a mount"
-        for rec in _live_mount_records():
+        for rec in live_mount_records():
             for p in rec.get("lowerdirs", []):
                 d = self.diff_id_of_root(p)
                 if d is not None:
@@ -355,7 +355,7 @@ class Store:
             for c in self.containers():
                 if c["id"] == ref:
                     if any(os.path.realpath(m.get("upperdir") or "") ==
-                           os.path.realpath(c["upper"]) for m in _live_mount_records()):
+                           os.path.realpath(c["upper"]) for m in live_mount_records()):
                         raise ImageError(f"container {ref} is mounted at {c['mountpoint']}; "
                                          "unmount it first")
                     self.discard_container(ref)
@@ -378,7 +378,7 @@ class Store:
         return deleted, used
 
 
-def _live_mount_records() -> list[dict]:
+def live_mount_records() -> list[dict]:
     from .. import state
     try:
         names = os.listdir(state.STATE_DIR)
