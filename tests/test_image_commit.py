@@ -195,6 +195,9 @@ def test_commit_a_container_upper(scratch: Path) -> None:
     assert cowfs("diff", c["upper"], store=store).stdout == "D /etc\n"
     res = cowfs("commit", c["upper"], "-o", str(scratch / "l.tar"), store=store)
     assert "diff_id" in res.stdout and list(members(scratch / "l.tar")) == [".wh.etc"]
+    shutil.rmtree(scratch / "oci")  # where the base layer's blob was
+    res = cowfs("commit", c["upper"], "--image", f"{scratch}/out:v2", store=store, check=False)
+    assert res.returncode == 1 and "base layer blob sha256:" in res.stderr
 
 
 @pytest.mark.parametrize("value", [b"/../outside", b"../outside", b"a/../../outside", b".."])
@@ -214,3 +217,26 @@ def test_hostile_redirects_stay_inside(scratch: Path, value: bytes) -> None:
     os.unlink(upper / "meta")
     write_layer(str(upper), [str(lower)], str(scratch / "l.tar"))
     assert list(members(scratch / "l.tar")) == ["evil"]
+
+
+@needs_root
+@needs_umoci
+def test_commit_on_a_docker_archive_base(scratch: Path) -> None:
+    """--image copies the base layers out of the archive the image came from."""
+    from .imageutil import directory, file, tar_bytes, write_docker_archive
+    base = tar_bytes([directory("etc"), file("etc/a", b"a\n"), file("etc/b", b"b\n")])
+    write_docker_archive(scratch / "img.tar", "app:1", [base])
+    store = scratch / "store"
+    cowfs("image", "import", str(scratch / "img.tar"), store=store)
+    with image_mount("kernel", store, "app:1", scratch / "mnt", scratch / "upper") as mnt:
+        os.unlink(mnt / "etc" / "a")
+        (mnt / "etc" / "c").write_text("c\n")
+        assert cowfs("diff", str(mnt), store=store).stdout.splitlines() == \
+            ["C /etc", "D /etc/a", "A /etc/c"]
+        cowfs("commit", str(mnt), "--image", f"{scratch}/out:v2", store=store)
+        assert_same_tree(umoci_unpack(f"{scratch}/out:v2", scratch / "bundle"), mnt)
+    manifest_digest = json.loads((scratch / "out" / "index.json").read_text())["manifests"][0]
+    manifest = json.loads((scratch / "out" / "blobs" / "sha256" /
+                           manifest_digest["digest"][7:]).read_text())
+    assert len(manifest["layers"]) == 2 and all(set(d) == {"mediaType", "digest", "size"}
+                                                 for d in manifest["layers"])

@@ -8,6 +8,7 @@ deletes the old one.  A metacopy file takes its data from the lower file.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -17,6 +18,7 @@ import platform
 import shutil
 import stat
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -24,8 +26,8 @@ import zstandard
 
 from .errors import ImageError
 from .merged import Entry, Parts, Source, Stack, close_sources, list_merged, redirect_path
-from .oci import (MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST, REF_NAME, check_digest,
-                  sha256_digest, split_ref)
+from .oci import (ARCHIVE_MEMBER, MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST, REF_NAME,
+                  check_digest, sha256_digest, split_ref)
 from .ovlformat import OPAQUE_MARKER, WH_PREFIX, is_metacopy, is_opaque, redirect, user_xattrs
 from .store import now_iso, write_json_atomic
 
@@ -260,19 +262,49 @@ def _write_blob(layout: str, data: bytes) -> dict:
     return {"digest": digest, "size": len(data)}
 
 
-def _copy_blob(layout: str, digest: str, sources: list[str], what: str) -> None:
-    digest = check_digest(digest, what)
+@contextlib.contextmanager
+def _base_blob(base: dict, desc: dict) -> Iterator[BinaryIO | None]:
+    """A base layer's blob where the image was imported from, if it is still there."""
+    digest = desc["digest"]
+    if base.get("kind") == "oci":
+        src = os.path.join(base["source"], "blobs", "sha256", digest[7:])
+        if not os.path.isfile(src):
+            yield None
+            return
+        with open(src, "rb") as f:
+            yield f
+        return
+    member = desc.get(ARCHIVE_MEMBER)
+    if base.get("kind") != "docker-archive" or not member or not os.path.isfile(base["source"]):
+        yield None
+        return
+    with tarfile.open(base["source"], "r:*") as tf:
+        try:
+            yield tf.extractfile(member)  # type: ignore[misc]
+        except KeyError:
+            yield None
+
+
+def _copy_blob(layout: str, desc: dict, base: dict) -> None:
+    """Put a base layer's blob into layout (checked against its digest)."""
+    digest = check_digest(desc.get("digest"), "base layer blob")
     dst = os.path.join(layout, "blobs", "sha256", digest[7:])
     if os.path.exists(dst):
         return
-    for src_layout in sources:
-        src = os.path.join(src_layout, "blobs", "sha256", digest[7:])
-        if os.path.isfile(src):
-            shutil.copyfile(src, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
-            return
-    raise ImageError(f"{what} {digest} is not in {layout} nor in the layout the base "
-                     "image was imported from; commit into that layout instead")
+    sha = hashlib.sha256()
+    with _base_blob(base, desc) as src:
+        if src is None:
+            raise ImageError(f"base layer blob {digest} is in neither {layout} nor "
+                             f"{base.get('source')}, where the base image came from")
+        with open(dst + ".tmp", "wb") as out:
+            while chunk := src.read(COPY_CHUNK):
+                sha.update(chunk)
+                out.write(chunk)
+    if "sha256:" + sha.hexdigest() != digest:
+        os.unlink(dst + ".tmp")
+        raise ImageError(f"base layer blob {digest} in {base.get('source')} has changed "
+                         "since the import (sha256 mismatch)")
+    os.replace(dst + ".tmp", dst)
 
 
 def _oci_layer_type(media_type: str) -> str:
@@ -313,9 +345,8 @@ def append_image(spec: str, layer: LayerInfo, base: dict | None, comment: str = 
         index = {"schemaVersion": 2, "manifests": []}
     layers = []
     if base is not None:
-        src = [base["source"]] if base.get("kind") == "oci" else []
         for d in base["manifest"]["layers"]:
-            _copy_blob(layout, d["digest"], src, "base layer blob")
+            _copy_blob(layout, d, base)
             layers.append({"mediaType": _oci_layer_type(d["mediaType"]),
                            "digest": d["digest"], "size": d.get("size") or os.path.getsize(
                                os.path.join(layout, "blobs", "sha256", d["digest"][7:]))})

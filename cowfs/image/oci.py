@@ -29,6 +29,8 @@ MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 REF_NAME = "org.opencontainers.image.ref.name"
+# Where a docker archive keeps a layer: recorded so commit --image can copy it.
+ARCHIVE_MEMBER = "x-cowfs-archive-member"
 # What a corrupt blob raises from the decompressors and the tar reader.
 DECODE_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, tarfile.TarError)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -360,7 +362,8 @@ def _docker_archive(tf: tarfile.TarFile, path: str, tag: str | None) -> ImageSou
     manifest = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
                 "config": {"mediaType": MT_OCI_CONFIG, "digest": cdigest,
                            "size": len(config_bytes)},
-                "layers": [{"mediaType": MT_OCI_LAYER, "digest": lr.digest or lr.diff_id}
-                           for lr in layers]}
+                "layers": [{"mediaType": MT_OCI_LAYER, "digest": lr.digest or lr.diff_id,
+                            "size": lr.size, ARCHIVE_MEMBER: lname}
+                           for lr, lname in zip(layers, lnames)]}
     return ImageSource("docker-archive", os.path.abspath(path), name, manifest, config_bytes,
                        cdigest, layers, [tf.close])
