@@ -164,13 +164,3 @@ def list_merged(sources: list[Source]) -> dict[bytes, Entry]:
         hidden |= hidden_here
     return seen
 
-
-def whiteouts_in(src: Source) -> set[bytes]:
-    """Names a layer directory hides from the layers below it."""
-    out = set()
-    for name in map(os.fsencode, os.listdir(src.fd)):
-        if not is_hidden_marker(name):
-            target = whiteout_target(name, os.stat(name, dir_fd=src.fd, follow_symlinks=False))
-            if target is not None:
-                out.add(target)
-    return out
