@@ -34,8 +34,8 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = None, 
     ti = tarfile.TarInfo(name)
     ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.linkname = kind, mode, uid, gid, mtime, linkname
     ti.devmajor, ti.devminor = dev
-    for k, v in (xattrs or {}).items():
-        ti.pax_headers["SCHILY.xattr." + k] = v.decode("utf-8", "surrogateescape")
+    ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                      for k, v in (xattrs or {}).items()}
     if data is not None:
         ti.size = len(data)
     return ti, data
@@ -104,7 +104,7 @@ def write_layout(layout: Path, tag: str, layers: list[bytes],
                 "layers": descs}
     mbytes = json.dumps(manifest).encode()
     index_path = layout / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else \
+    index: dict = json.loads(index_path.read_text()) if index_path.exists() else \
         {"schemaVersion": 2, "manifests": []}
     index["manifests"].append({"mediaType": manifest["mediaType"], "digest": put_blob(layout, mbytes),
                                "size": len(mbytes),

@@ -208,7 +208,8 @@ def test_interrupted_import_leaves_nothing(scratch: Path) -> None:
 
     write_layout(scratch / "oci", "v1", [TOP, BASE])
     src = open_source(f"{scratch}/oci:v1")
-    src.layers[1] = LayerRef("layer blob boom", src.layers[1].diff_id, None, "", None, Boom)
+    src.layers[1] = LayerRef("layer blob boom", src.layers[1].diff_id, None, "", None,
+                             Boom)  # type: ignore[arg-type]
     store = Store(str(scratch / "store"))
     os.makedirs(store.tmp_dir)
     os.mkdir(os.path.join(store.tmp_dir, "left-by-a-killed-import"))

@@ -85,7 +85,7 @@ class LayerWriter:
                 fileobj=self.blob, mode="wb", mtime=0)
         elif compression == "zstd":
             self.comp = zstandard.ZstdCompressor().stream_writer(  # type: ignore[assignment]
-                self.blob, closefd=False)
+                self.blob, closefd=False)  # type: ignore[arg-type]
         else:
             self.comp = None
         self.tar_hash = HashingWriter(self.comp or self.blob)  # type: ignore[arg-type]

@@ -261,6 +261,10 @@ def _resolve_manifest(layout: str, desc: dict, what: str) -> tuple[dict, dict]:
     raise ImageError(f"{what}: image indexes nested too deeply")
 
 
+def _file_opener(path: str) -> Callable[[], BinaryIO]:
+    return lambda: open(path, "rb")
+
+
 def _open_oci_layout(layout: str, tag: str | None) -> ImageSource:
     with open(os.path.join(layout, "index.json"), "rb") as f:
         index = verified_json(f.read(), None, f"{layout}/index.json")
@@ -286,7 +290,7 @@ def _open_oci_layout(layout: str, tag: str | None) -> ImageSource:
         layers.append(LayerRef(what=f"layer blob {digest}", diff_id=diff_id, digest=digest,
                                media_type=ld.get("mediaType", MT_OCI_LAYER),
                                size=ld.get("size"),
-                               opener=lambda p=p: open(p, "rb")))
+                               opener=_file_opener(p)))
     name = ref if (":" in ref or "/" in ref) else \
         f"{os.path.basename(os.path.abspath(layout))}:{ref}"
     return ImageSource("oci", os.path.abspath(layout), name, manifest, config_bytes,

@@ -178,7 +178,8 @@ class Unpacker:
                 break
             if m is None:
                 break
-            tf.members.clear()  # a stream needs no index: keep memory flat on big layers
+            # A stream needs no index: keep memory flat on big layers.
+            tf.members.clear()  # type: ignore[attr-defined]
             self.entry(m, tf)
         self.finish()
         return self.stats
@@ -301,15 +302,16 @@ class Unpacker:
         name None means pfd itself.  Order matters: chown clears setuid bits
         and file capabilities, so mode and xattrs come after it.
         """
-        target: int | bytes = pfd if name is None else name
-        at = {} if name is None else {"dir_fd": pfd, "follow_symlinks": False}
         if self.privileged:
-            os.chown(target, m.uid, m.gid, **at)
+            if name is None:
+                os.fchown(pfd, m.uid, m.gid)
+            else:
+                os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
         if not m.issym() and not m.isdir():
             self._chmod(pfd, name, m.mode & 0o7777)
         self._set_xattrs(pfd, name, m)
-        if not m.isdir():
-            os.utime(target, ns=times_ns(m), **at)
+        if name is not None and not m.isdir():  # directories get theirs in finish()
+            os.utime(name, ns=times_ns(m), dir_fd=pfd, follow_symlinks=False)
 
     def _chmod(self, pfd: int, name: bytes | None, mode: int) -> None:
         if name is None:
