@@ -29,6 +29,9 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except (ImageError, OSError) as e:
             print(f"cowfs: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # an import cleans up after itself on the way out
+            print("cowfs: interrupted", file=sys.stderr)
+            return 130
     return run
 
 
