@@ -263,6 +263,9 @@ def link_up(ov: Overlay, node: Node, parent: Node, name: bytes) -> None:
     os.link(node.name, name, src_dir_fd=ov.table.dir_fd(node.parent, 0), dst_dir_fd=ufd,
             follow_symlinks=False)
     node.extra_links = max(0, node.extra_links - 1)
+    if node.links is None:
+        node.links = [(node.parent, node.name)]
+    node.links.append((parent, name))
 
 
 def replace_with(ov: Overlay, dir_fd: int, name: bytes, tmp: bytes) -> None:

@@ -174,6 +174,7 @@ async def link(ov: Overlay, node: Node, new_parent: Node, new_name: bytes) -> No
         os.link(src_name, n, src_dir_fd=src_fd, dst_dir_fd=dfd, follow_symlinks=False)
 
     _place(ov, ufd, new_name, _whited_out(ov, ufd, new_name), make)
+    _add_link(node, new_parent, new_name)
     node.unlinked = False
     return node
 
@@ -211,8 +212,30 @@ def _new_whiteout(ov: Overlay) -> bytes:
 
 
 def _detach(node: Node, parent: Node, name: bytes) -> None:
+    """parent/name no longer names node; it is gone once no name is left."""
+    if node.links:
+        if (parent, name) in node.links:
+            node.links.remove((parent, name))
+        if node.links:
+            node.parent, node.name = node.links[0]
+            return
     if node.parent is parent and node.name == name:
         node.unlinked = True
+
+
+def _add_link(node: Node, parent: Node, name: bytes) -> None:
+    assert node.parent is not None
+    if node.links is None:
+        node.links = [(node.parent, node.name)]
+    node.links.append((parent, name))
+
+
+def _moved(node: Node, old_parent: Node, old_name: bytes, new_parent: Node,
+           new_name: bytes) -> None:
+    if node.links and (old_parent, old_name) in node.links:
+        node.links[node.links.index((old_parent, old_name))] = (new_parent, new_name)
+    node.parent, node.name = new_parent, new_name
+    node.unlinked = False
 
 
 def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
@@ -346,7 +369,7 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
     if exchange:
         renameat2(ofd, old_name, nfd, new_name, RENAME_EXCHANGE)
         assert dst is not None
-        dst.parent, dst.name = old_parent, old_name
+        _moved(dst, new_parent, new_name, old_parent, old_name)
     else:
         if dst is not None and dst.is_dir and dst.layer == 0:
             # The replaced directory is empty in the merged view but may hold whiteouts.
@@ -357,8 +380,7 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
         if dst is not None:
             _detach(dst, new_parent, new_name)
             ov.table.close_fds(dst)
-    src.parent, src.name = new_parent, new_name
-    src.unlinked = False
+    _moved(src, old_parent, old_name, new_parent, new_name)
 
 
 def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,

@@ -23,7 +23,8 @@ _NO_FDS: dict[int, int] = {}
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "fds", "index", "lookups", "gen", "metacopy",
-                 "unlinked", "open_fds", "attr", "listing", "extra_links", "__weakref__")
+                 "unlinked", "open_fds", "attr", "listing", "extra_links", "links",
+                 "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
                  layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:
@@ -48,6 +49,8 @@ class Node:
         # Names of a copied-up lower hard link still only in the lower layer: they
         # count in st_nlink, and are linked up when they are renamed.
         self.extra_links = 0
+        # Every upper name of a file that has several (parent, name): set by link().
+        self.links: list[tuple[Node, bytes]] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -65,6 +68,7 @@ class InodeNumbers:
     def __init__(self) -> None:
         self._devs: dict[int, int] = {}
         self._copied: dict[tuple[int, int], int] = {}
+        self._next_fresh = 1 << 62
 
     def number(self, st: os.stat_result) -> int:
         key = (st.st_dev, st.st_ino)
@@ -76,6 +80,13 @@ class InodeNumbers:
         if ino <= ROOT_INO:
             ino |= 1 << 63   # 0 and 1 are the kernel's: negative entry and root
         return ino
+
+    def fresh(self, st: os.stat_result) -> int:
+        """A new number for an upper file whose real inode number was freed and
+        reused while the overlay inode that had it is still known to the kernel."""
+        self._next_fresh += 1
+        self._copied[(st.st_dev, st.st_ino)] = self._next_fresh
+        return self._next_fresh
 
     def keep(self, st: os.stat_result, ino: int) -> None:
         """The real file st now stands for overlay inode ino (copy-up, root)."""

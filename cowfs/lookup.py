@@ -135,7 +135,10 @@ def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
     ino = ov.numbers.number(st)
     node = _existing(ov, ino, parent, name)
     if node is not None:
-        return node
+        if not node.unlinked:
+            return node
+        # The filesystem reused the real inode of a deleted file: a new file.
+        ino = ov.numbers.fresh(st)
     if stat.S_ISDIR(st.st_mode):
         layers: tuple[int, ...] = (0,)
         path = xattr_path(ufd, name)

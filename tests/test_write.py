@@ -358,3 +358,25 @@ def test_lower_hard_link_names_after_copy_up(tmp_path):
         assert (c / "c").read_text() == "old+new" and os.lstat(c / "c").st_nlink == 2
         os.unlink(c / "c")
         assert os.lstat(c / "a").st_nlink == 1 and not (c / "b").exists()
+
+
+def test_upper_hard_links_and_reused_inode_numbers(tmp_path):
+    def script(m: Path) -> list:
+        out = []
+        write(m / "one", "1")
+        os.link(m / "one", m / "two")
+        os.unlink(m / "one")
+        out.append(((m / "two").read_text(), os.lstat(m / "two").st_nlink))
+        os.rename(m / "two", m / "three")
+        out.append(((m / "three").read_text(), os.lstat(m / "three").st_nlink))
+        # churn: the filesystem hands freed inode numbers to new files
+        for i in range(30):
+            write(m / f"c{i}", str(i))
+            fd = os.open(m / f"c{i}", os.O_RDONLY)
+            os.unlink(m / f"c{i}")
+            write(m / f"d{i}", "d" + str(i))
+            out.append((os.pread(fd, 10, 0), (m / f"d{i}").read_text()))
+            os.close(fd)
+        out.append(sorted(os.listdir(m))[:5])
+        return out
+    both(tmp_path, script)
