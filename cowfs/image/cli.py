@@ -160,9 +160,12 @@ def resolve_layers(target: str, lowers: list[str] | None, store: Store) -> tuple
     overlay mount point, or an upper dir with --lower or with a known mount."""
     if not os.path.isdir(target):
         raise UsageError(f"'{target}' is not a directory")
+    mounted = is_mounted(target)
     if lowers:
+        if mounted:
+            raise UsageError(f"{target} is a mount point; --lower goes with an upper dir")
         return target, lowers
-    if is_mounted(target):
+    if mounted:
         # A FUSE mount with a writeback cache holds data and times the upper dir
         # has not seen yet: flush them, as the kernel's syncfs does for overlayfs.
         os.sync()
