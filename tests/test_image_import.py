@@ -314,3 +314,15 @@ def test_docker_archive_with_a_tampered_layer(scratch: Path) -> None:
     res = cowfs("image", "import", str(scratch / "bad.tar"), store=scratch / "store", check=False)
     assert res.returncode == 1 and sha(TOP) in res.stderr and "mismatch" in res.stderr
     assert store_state(scratch / "store") == ([], [], [])
+
+
+def test_layers_shared_across_formats(scratch: Path) -> None:
+    """The store keys layers by diff_id: gzip, zstd and docker archives share them."""
+    write_layout(scratch / "oci", "gz", [BASE, TOP], "gzip")
+    write_layout(scratch / "oci", "zst", [BASE, TOP], "zstd")
+    write_docker_archive(scratch / "img.tar", "d:1", [BASE, TOP])
+    st = scratch / "store"
+    assert "2 new, 0 reused" in cowfs("image", "import", f"{scratch}/oci:gz", store=st).stdout
+    assert "0 new, 2 reused" in cowfs("image", "import", f"{scratch}/oci:zst", store=st).stdout
+    assert "0 new, 2 reused" in cowfs("image", "import", str(scratch / "img.tar"),
+                                      store=st).stdout
