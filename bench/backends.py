@@ -273,7 +273,9 @@ class Cowfs(Backend):
 
     def version(self) -> str:
         try:
-            rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            # The last commit that touched cowfs/, not HEAD (other work moves HEAD).
+            rev = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %cs",
+                                  "--", "cowfs"],
                                  capture_output=True, text=True, timeout=10).stdout.strip()
             dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "cowfs"],
                                    capture_output=True, text=True, timeout=10).stdout.strip()
