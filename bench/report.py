@@ -78,7 +78,7 @@ def summary(rows: list[dict], backends: list[str]) -> list[list[str]]:
         for a, ref in ratio_cols:
             vals = [r["ratios"][f"{a}/{ref}"]["median"] for r in grows
                     if f"{a}/{ref}" in r["ratios"] and r["ratios"][f"{a}/{ref}"]["median"] > 0]
-            cells.append(f"{statistics.geometric_mean(vals):.2f}x" if vals else "-")
+            cells.append(fmt_x(statistics.geometric_mean(vals)) if vals else "-")
         out.append(cells)
     return out
 
@@ -135,7 +135,11 @@ def fmt_ratio(row: dict, key: str) -> str:
     r = row["ratios"].get(key)
     if r is None:
         return "-"
-    return f"{r['median']:.2f}x"
+    return fmt_x(r["median"])
+
+
+def fmt_x(v: float) -> str:
+    return f"{v:.2f}x" if v >= 0.095 else f"{v:.2g}x"
 
 
 def table_columns(backends: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -306,6 +306,8 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
               "- Copy-up rows: the lower file's pages are in the page cache beforehand; "
               "append rows include fsync; `chmod + sync` adds a global sync; the `cp + sync` "
               "row copies the same file within the same mount (plain: the same disk).",
+              "- Where cowfs spends its time (py-spy profiles, request counts): "
+              "[PROFILE.md](PROFILE.md); `scripts/bench --profile` records new ones.",
               "- Memory: RSS (VmRSS) of the FUSE daemon process (found through its argv), "
               "settled; after the walk and again after `echo 2 > drop_caches` makes the "
               "kernel forget the inodes.",
