@@ -52,7 +52,7 @@ def summarize(cfg: Config, raw: dict, backends: list[str]) -> list[dict]:
 
 
 SUMMARY_GROUPS = [   # (title, metric keys)
-    ("1-2. sequential read, hot and cold", ["read_hot", "read_cold"]),
+    ("1-2. sequential read: first, again, cold", ["read_first", "read_hot", "read_cold"]),
     ("3. lstat of many files, first and warm", ["stat_first", "stat_warm"]),
     ("4. find, first and warm", ["find_first", "find_warm"]),
     ("5. big directory: list, list + lstat", ["ls_first", "ls_lstat_first"]),
