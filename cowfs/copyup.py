@@ -103,11 +103,23 @@ def _public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
 def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     """Rename the finished copy into place and make node an upper node."""
     assert node.parent is not None
+    if node.unlinked:
+        # Deleted while its data was being copied (unlink takes no copy lock):
+        # installing the copy now would bring it back.
+        if stat.S_ISDIR(lstat_at(ov.work_fd, tmp).st_mode):
+            os.rmdir(tmp, dir_fd=ov.work_fd)
+        else:
+            os.unlink(tmp, dir_fd=ov.work_fd)
+        raise OSError(errno.ENOENT, "deleted during copy-up")
     if node.layer != 0 and not node.is_dir:
         lower_st = lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name)
         node.extra_links = lower_st.st_nlink - 1
     pfd = ov.table.dir_fd(node.parent, 0)
+    pst = os.fstat(pfd)
     os.rename(tmp, node.name, src_dir_fd=ov.work_fd, dst_dir_fd=pfd)
+    # A copy-up changes nothing a program could see in the parent: keep its times
+    # (as overlayfs does), or the upper dir would show the parent as modified.
+    os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
     ov.numbers.keep(lstat_at(pfd, node.name), node.ino)
     node.layer = 0
     node.attr = None
@@ -131,6 +143,9 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
     _copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
     _install(ov, node, tmp)
+    # Moving a directory rewrites its "..": its times are set once it is in place.
+    os.utime(node.name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=ov.table.dir_fd(node.parent, 0),
+             follow_symlinks=False)
     node.layers = (0,) + node.layers
 
 

@@ -29,7 +29,7 @@ def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False) -> i
     """An fd on the file that holds node's data now: upper, or lower until copy-up."""
     assert node.parent is not None
     if node.layer == 0 and not node.metacopy:
-        # The kernel's writeback cache may read from a write-only file: open O_RDWR.
+        # O_RDWR also for write-only opens: one handle serves reads after refresh().
         flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_TRUNC if trunc else 0)
         return open_file_at(ov.table.dir_fd(node.parent, 0), node.name, flags)
     layer = node.lower_layer if node.lower_layer is not None else node.layer

@@ -77,7 +77,10 @@ class DirHandle:
 
 class CowfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = True
+    # No writeback cache: with it the kernel keeps its own mtimes and sends them
+    # before the data they describe, so the upper dir would disagree with the
+    # mount. Reads are still served from the page cache (keep_cache).
+    enable_writeback_cache = False
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()

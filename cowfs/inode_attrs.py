@@ -42,8 +42,7 @@ async def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,
     ov.check_writable()
     if (mode is None and uid is None and gid is None and size is None
             and atime_ns is None and mtime_ns is None) or (node.unlinked and node.layer != 0):
-        # ctime alone (the kernel's writeback cache sends it), or a deleted lower
-        # file still open (the kernel flushes its times at close): nowhere to keep it.
+        # ctime alone, or a deleted lower file still open: nowhere to keep it.
         return getattr_(ov, node)
     if size is not None and node.is_dir:
         raise OSError(errno.EISDIR, "is a directory")
