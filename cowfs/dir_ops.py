@@ -248,7 +248,7 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
     ensure_upper_dir(ov, parent)
     ufd = ov.table.dir_fd(parent, 0)
     in_lower = lower_entry(ov, parent, name) is not None
-    if lstat_or_none(ufd, name) is not None:
+    if _forget_upper(ov, ufd, name):
         if in_lower and not ov.wh_fallback:
             replace_with(ov, ufd, name, _new_whiteout(ov))
         else:
@@ -260,6 +260,17 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
         if node.layer == 0 and node.extra_links:
             node.extra_links -= 1   # a lower-only name of a copied-up hard link
     _detach(node, parent, name)
+
+
+def _forget_upper(ov: Overlay, ufd: int, name: bytes) -> bool:
+    """Before an upper entry is deleted: its real inode number may be handed to a
+    new file, which must not inherit the overlay inode number it stood for."""
+    st = lstat_or_none(ufd, name)
+    if st is None or is_whiteout_stat(st):
+        return False
+    if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):
+        ov.numbers.forget(st)
+    return True
 
 
 def _clear_upper_dir(ov: Overlay, tmp: bytes) -> None:
@@ -280,6 +291,7 @@ def rmdir(ov: Overlay, parent: Node, name: bytes) -> None:
     ufd = ov.table.dir_fd(parent, 0)
     in_lower = lower_entry(ov, parent, name) is not None
     if node.layer == 0:
+        _forget_upper(ov, ufd, name)
         tmp = _new_whiteout(ov) if in_lower else ov.tmp_name()
         if in_lower:
             renameat2(ov.work_fd, tmp, ufd, name, RENAME_EXCHANGE)
@@ -371,6 +383,7 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
         assert dst is not None
         _moved(dst, new_parent, new_name, old_parent, old_name)
     else:
+        _forget_upper(ov, nfd, new_name)
         if dst is not None and dst.is_dir and dst.layer == 0:
             # The replaced directory is empty in the merged view but may hold whiteouts.
             tmp = ov.tmp_name()

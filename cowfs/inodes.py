@@ -88,6 +88,10 @@ class InodeNumbers:
         self._copied[(st.st_dev, st.st_ino)] = self._next_fresh
         return self._next_fresh
 
+    def forget(self, st: os.stat_result) -> None:
+        """The real file st is being deleted: its number may be reused for another."""
+        self._copied.pop((st.st_dev, st.st_ino), None)
+
     def keep(self, st: os.stat_result, ino: int) -> None:
         """The real file st now stands for overlay inode ino (copy-up, root)."""
         self._copied[(st.st_dev, st.st_ino)] = ino
