@@ -28,6 +28,14 @@ class Handle:
 def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False) -> int:
     """An fd on the file that holds node's data now: upper, or lower until copy-up."""
     assert node.parent is not None
+    if node.unlinked and node.layer == 0:
+        # Deleted after the opener looked it up: its name may already stand for a
+        # whiteout or another file. Only an open fd still reaches the inode.
+        # (A deleted lower file is still where it was, and never changes.)
+        if not node.open_fds:
+            raise OSError(errno.ENOENT, "deleted")
+        return os.open(f"/proc/self/fd/{node.open_fds[0]}",
+                       (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
     if node.layer == 0 and not node.metacopy:
         # O_RDWR also for write-only opens: one handle serves reads after refresh().
         flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_TRUNC if trunc else 0)
