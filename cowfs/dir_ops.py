@@ -103,6 +103,8 @@ def create(ov: Overlay, parent: Node, name: bytes, mode: int, flags: int,
         fd = open_file_at(dfd, n, os.O_CREAT | os.O_EXCL | os.O_RDWR, stat.S_IMODE(mode))
         fds.append(fd)
         os.fchown(fd, *owner)
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            os.fchmod(fd, stat.S_IMODE(mode))   # chown cleared them
 
     _place(ov, ufd, name, covered, make)
     node = _new_node(ov, parent, name)

@@ -98,11 +98,18 @@ class CowfsOperations(pyfuse3.Operations):
         if node.layer != 0:
             # Lower entries never change while mounted: encode them once.
             if node.attr is None:
-                node.attr = _attrs(node.ino, inode_attrs.getattr_(self.ov, node))
+                node.attr = self._encode(node)
             return node.attr
+        return self._encode(node)
+
+    def _encode(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = _attrs(node.ino, inode_attrs.getattr_(self.ov, node))
         if node.extra_links:
             attr.st_nlink += node.extra_links
+        elif len(node.layers) > 1:
+            # A merged directory's link count is unknowable without reading every
+            # layer; like overlayfs, report 1 ("not counted": find and fts cope).
+            attr.st_nlink = 1
         return attr
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:

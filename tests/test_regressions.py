@@ -23,9 +23,6 @@ def _file(data: bytes = b"lower\n", mode: int = 0o644, **kw) -> od.Entry:
     return E("file", content=("bytes", data), mode=mode, **kw)
 
 
-@pytest.mark.xfail(reason="cowfs reports a merged directory's real nlink; the kernel "
-                          "reports 1 for a directory merged from several layers",
-                   strict=True)
 def test_merged_dir_nlink() -> None:
     layers = [L({"d": E("dir"), "d/x": E("dir")}), L({"d": E("dir"), "d/y": E("dir")})]
     with od.Pair(layers) as p:
@@ -38,9 +35,6 @@ def test_merged_dir_nlink_single_layer_dir_matches() -> None:
         p.check_trees()
 
 
-@pytest.mark.xfail(reason="create() fchowns after open(O_CREAT, mode): the chown clears "
-                          "S_ISUID, so a file created 04755 ends up 0755 (kernel keeps 04755)",
-                   strict=True)
 def test_create_keeps_setuid() -> None:
     with od.Pair([L({"d": E("dir")}), L({})], od.Normalize(dir_nlink=False)) as p:
         p.do("create d/x 04755", od.op_create("d/x", 0o4755, True, False))
