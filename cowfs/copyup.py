@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from .inodes import Node
-from .layers import entry_xattrs, lstat_at, lstat_or_none, open_file_at, renameat2
-from .whiteout import is_private_xattr, private_xattr_name
+from .layers import (entry_xattrs, lstat_at, lstat_or_none, open_file_at, renameat2,
+                     walk_dirs)
+from .whiteout import NO_XATTR, is_private_xattr, private_xattr_name
 
 if TYPE_CHECKING:
     from .overlay import Overlay
@@ -242,8 +243,8 @@ def _copy_up_meta(ov: Overlay, node: Node) -> None:
 async def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     """Fill a metacopy placeholder with its data, then drop the mark: until the
     mark is gone (after fsync), reads still come from the lower file."""
-    assert node.parent is not None and node.lower_layer is not None
-    src = open_file_at(ov.table.dir_fd(node.parent, node.lower_layer), node.name, os.O_RDONLY)
+    assert node.parent is not None
+    src = open_lower_data(ov, node)
     try:
         dst = open_file_at(ov.table.dir_fd(node.parent, 0), node.name, os.O_WRONLY)
         try:
@@ -256,13 +257,38 @@ async def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
             if not ov.volatile:
                 await trio.to_thread.run_sync(os.fsync, dst)
             os.removexattr(dst, private_xattr_name(ov.euid, "metacopy"))
+            if node.redirect is not None:
+                # The kernel's redirect of a metacopy file has served its purpose.
+                try:
+                    os.removexattr(dst, private_xattr_name(ov.euid, "redirect"))
+                except OSError as e:
+                    if e.errno not in NO_XATTR:
+                        raise
         finally:
             os.close(dst)
     finally:
         os.close(src)
+    node.redirect = None
     node.metacopy = False
     node.lower_layer = None
     node.gen += 1
+
+
+def open_lower_data(ov: Overlay, node: Node) -> int:
+    """An fd on the lower file that holds a lower or metacopy node's data."""
+    assert node.parent is not None
+    if node.metacopy and node.lower_layer is None:
+        raise OSError(errno.EIO, "metacopy file without its lower data")
+    layer = node.lower_layer if node.lower_layer is not None else node.layer
+    if node.redirect is None:
+        return open_file_at(ov.table.dir_fd(node.parent, layer), node.name, os.O_RDONLY)
+    dfd = walk_dirs(ov.layers[layer].fd, node.redirect[:-1])  # type: ignore[union-attr]
+    if dfd is None:
+        raise OSError(errno.EIO, "redirected lower data gone")
+    try:
+        return open_file_at(dfd, node.redirect[-1], os.O_RDONLY)
+    finally:
+        os.close(dfd)
 
 
 def link_up(ov: Overlay, node: Node, parent: Node, name: bytes) -> None:

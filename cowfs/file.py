@@ -5,7 +5,7 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from .copyup import copy_up
+from .copyup import copy_up, open_lower_data
 from .inodes import Node
 from .layers import open_file_at
 
@@ -40,8 +40,7 @@ def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False) -> i
         # O_RDWR also for write-only opens: one handle serves reads after refresh().
         flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_TRUNC if trunc else 0)
         return open_file_at(ov.table.dir_fd(node.parent, 0), node.name, flags)
-    layer = node.lower_layer if node.lower_layer is not None else node.layer
-    return open_file_at(ov.table.dir_fd(node.parent, layer), node.name, os.O_RDONLY)
+    return open_lower_data(ov, node)
 
 
 async def open_file(ov: Overlay, node: Node, flags: int) -> Handle:

@@ -163,9 +163,18 @@ def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
         if stat.S_ISREG(st.st_mode) and st.st_size > 0 \
                 and (st.st_size > st.st_blocks * 512 or st.st_blocks <= 16) \
                 and overlay_xattr(xattr_path(ufd, name), "metacopy") is not None:
-            ent = lower_entry(ov, parent, name)
-            if ent is not None and not ent[1]:
-                node.metacopy, node.lower_layer = True, ent[0]
+            # Metadata here, data below: at the same path, or where the kernel's
+            # redirect says (a metacopy file it renamed or hard-linked). No data
+            # found leaves lower_layer None: reads then fail with EIO, as in overlayfs.
+            node.metacopy = True
+            value = overlay_xattr(xattr_path(ufd, name), "redirect") if ov.redirect_dir else None
+            if value:
+                node.redirect = redirect_components(parent, value)
+                node.lower_layer = _lower_file_layer(ov, node.redirect)
+            else:
+                ent = lower_entry(ov, parent, name)
+                if ent is not None and not ent[1]:
+                    node.lower_layer = ent[0]
     ov.table.add(node)
     return node
 
@@ -215,6 +224,21 @@ def redirect_components(parent: Node, value: bytes) -> tuple[bytes, ...]:
     if value.startswith(b"/"):
         return tuple(p for p in value.split(b"/") if p)
     return lower_path(parent) + (value,)
+
+
+def _lower_file_layer(ov: Overlay, comps: tuple[bytes, ...]) -> int | None:
+    """The top lower layer with a regular file at comps, if that is what shows there."""
+    for k in ov.lower_indexes:
+        fd = walk_dirs(ov.layers[k].fd, comps[:-1])  # type: ignore[union-attr]
+        if fd is None:
+            continue
+        try:
+            st = lstat_or_none(fd, comps[-1])
+        finally:
+            os.close(fd)
+        if st is not None:
+            return k if stat.S_ISREG(st.st_mode) else None
+    return None
 
 
 def _dir_exists(root_fd: int, comps: tuple[bytes, ...]) -> bool:

@@ -151,9 +151,6 @@ def test_reopen_unlinked_upper_file() -> None:
         p.do("O_PATH b; unlink b; reopen", _reopen_after_unlink("b"))
 
 
-@pytest.mark.xfail(reason="cowfs ignores overlay.redirect on a metacopy file: over an upper "
-                          "layer written by the kernel, a metacopy file renamed (redirect "
-                          "'a') reads as zeros instead of the lower data", strict=True)
 def test_reads_kernel_metacopy_redirect_rename() -> None:
     with od.Pair([L({"a": E("file", content=("fill", b"L", 9000))})]) as p:
         p.do("chmod a 0600", od.op_chmod("a", 0o600))      # kernel: metacopy copy-up
@@ -161,9 +158,6 @@ def test_reads_kernel_metacopy_redirect_rename() -> None:
         p.check_cowfs_reads_kernel_upper()
 
 
-@pytest.mark.xfail(reason="same cause as test_reads_kernel_metacopy_redirect_rename: a lower "
-                          "file hard-linked through a kernel overlay becomes a metacopy file "
-                          "with redirect '/a' on every name; cowfs reads zeros", strict=True)
 def test_reads_kernel_metacopy_redirect_link() -> None:
     with od.Pair([L({"a": E("file", content=("fill", b"L", 9000))})]) as p:
         p.do("link a f", od.op_link("a", "f"))
