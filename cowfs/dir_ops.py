@@ -223,6 +223,7 @@ def _detach(node: Node, parent: Node, name: bytes) -> None:
             return
     if node.parent is parent and node.name == name:
         node.unlinked = True
+        node.attr = None
 
 
 def _add_link(node: Node, parent: Node, name: bytes) -> None:
@@ -250,7 +251,9 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
     ensure_upper_dir(ov, parent)
     ufd = ov.table.dir_fd(parent, 0)
     in_lower = lower_entry(ov, parent, name) is not None
-    if _forget_upper(ov, ufd, name):
+    if _keep_as_orphan(ov, node, ufd, name):
+        _orphan(ov, node, ufd, name, in_lower)
+    elif _forget_upper(ov, ufd, name):
         if in_lower and not ov.wh_fallback:
             replace_with(ov, ufd, name, _new_whiteout(ov))
         else:
@@ -262,6 +265,28 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
         if node.layer == 0 and node.extra_links:
             node.extra_links -= 1   # a lower-only name of a copied-up hard link
     _detach(node, parent, name)
+
+
+def _keep_as_orphan(ov: Overlay, node: Node, ufd: int, name: bytes) -> bool:
+    """Is this the last name of an upper file the kernel still holds (open, or
+    about to be opened through a dentry looked up before the delete)?"""
+    if node.lookups <= 0 or node.is_dir or node.links or node.layer != 0:
+        return False
+    st = lstat_or_none(ufd, name)
+    return st is not None and not is_whiteout_stat(st) and st.st_nlink == 1
+
+
+def _orphan(ov: Overlay, node: Node, ufd: int, name: bytes, leave_whiteout: bool) -> None:
+    """Move a deleted file into work/ (leaving a whiteout where a lower layer has
+    the name), where it lives on until the kernel forgets it, as POSIX wants."""
+    tmp = b"#orphan-%d" % node.ino
+    if leave_whiteout and not ov.wh_fallback:
+        renameat2(ufd, name, ov.work_fd, tmp, RENAME_WHITEOUT)
+    else:
+        os.rename(name, tmp, src_dir_fd=ufd, dst_dir_fd=ov.work_fd)
+        if leave_whiteout:
+            _whiteout(ov, ufd, name)
+    node.orphan = tmp
 
 
 def _forget_upper(ov: Overlay, ufd: int, name: bytes) -> bool:
@@ -385,7 +410,10 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
         assert dst is not None
         _moved(dst, new_parent, new_name, old_parent, old_name)
     else:
-        _forget_upper(ov, nfd, new_name)
+        if dst is not None and _keep_as_orphan(ov, dst, nfd, new_name):
+            _orphan(ov, dst, nfd, new_name, dst_lower)
+        else:
+            _forget_upper(ov, nfd, new_name)
         if dst is not None and dst.is_dir and dst.layer == 0:
             # The replaced directory is empty in the merged view but may hold whiteouts.
             tmp = ov.tmp_name()

@@ -104,7 +104,9 @@ class CowfsOperations(pyfuse3.Operations):
 
     def _encode(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = _attrs(node.ino, inode_attrs.getattr_(self.ov, node))
-        if node.extra_links:
+        if node.unlinked:
+            attr.st_nlink = 0     # (an orphan's real link is work/'s, not a name)
+        elif node.extra_links:
             attr.st_nlink += node.extra_links
         elif len(node.layers) > 1:
             # A merged directory's link count is unknowable without reading every

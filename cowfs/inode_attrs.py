@@ -15,7 +15,12 @@ if TYPE_CHECKING:
 
 
 def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
-    """(dir fd, name) of node's upper entry; the root is its own layer root."""
+    """(dir fd, name) of node's upper entry; the root is its own layer root, a
+    deleted file still known to the kernel is its orphan in work/."""
+    if node.unlinked:
+        if node.orphan is None:
+            raise OSError(errno.ENOENT, "deleted")
+        return ov.work_fd, node.orphan
     if node.parent is None:
         return ov.layers[0].fd, b"."  # type: ignore[union-attr]
     return ov.table.dir_fd(node.parent, 0), node.name
@@ -27,10 +32,6 @@ def getattr_(ov: Overlay, node: Node) -> os.stat_result:
         if node.parent is None:
             return os.fstat(ov.layers[node.layer].fd)  # type: ignore[union-attr]
         return lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name)
-    if node.unlinked:
-        if node.open_fds:
-            return os.fstat(node.open_fds[0])
-        raise OSError(errno.ENOENT, "deleted")
     dir_fd, name = upper_ref(ov, node)
     return lstat_at(dir_fd, name)
 
@@ -47,13 +48,6 @@ async def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,
     if size is not None and node.is_dir:
         raise OSError(errno.EISDIR, "is a directory")
     await copy_up(ov, node, data=size is not None)
-    if node.unlinked:
-        if not node.open_fds:
-            raise OSError(errno.ENOENT, "deleted")
-        # Deleted but open: the inode is reachable only through its fds.
-        _setattr_fd(node.open_fds[0] if fd is None else fd, mode, uid, gid, size,
-                     atime_ns, mtime_ns)
-        return getattr_(ov, node)
     dir_fd, name = upper_ref(ov, node)
     if size is not None:
         if fd is not None:
@@ -80,15 +74,3 @@ def _complete_times(cur: os.stat_result, atime_ns: int | None,
     """UTIME_OMIT for one of the two: keep its current value."""
     return (cur.st_atime_ns if atime_ns is None else atime_ns,
             cur.st_mtime_ns if mtime_ns is None else mtime_ns)
-
-
-def _setattr_fd(fd: int, mode: int | None, uid: int | None, gid: int | None,
-                size: int | None, atime_ns: int | None, mtime_ns: int | None) -> None:
-    if size is not None:
-        os.ftruncate(fd, size)
-    if uid is not None or gid is not None:
-        os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-    if mode is not None:
-        os.fchmod(fd, stat.S_IMODE(mode))
-    if atime_ns is not None or mtime_ns is not None:
-        os.utime(fd, ns=_complete_times(os.fstat(fd), atime_ns, mtime_ns))

@@ -23,7 +23,7 @@ _NO_FDS: dict[int, int] = {}
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "fds", "index", "lookups", "gen", "metacopy",
-                 "unlinked", "open_fds", "attr", "listing", "extra_links", "links",
+                 "unlinked", "orphan", "attr", "listing", "extra_links", "links",
                  "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
@@ -43,7 +43,9 @@ class Node:
         self.gen = 0                    # bumped on copy-up: handles re-resolve
         self.metacopy = False           # upper holds metadata only, data is lower
         self.unlinked = False
-        self.open_fds: list[int] | None = None  # open data fds, for fstat after unlink
+        # Deleted while the kernel still held it: the file waits in work/ under
+        # this name until the kernel forgets it (open fds, O_PATH, cwd...).
+        self.orphan: bytes | None = None
         self.attr: Any = None           # adapter's cached reply for immutable nodes
         self.listing: list[bytes] | None = None  # directories: merged names, cached
         # Names of a copied-up lower hard link still only in the lower layer: they
@@ -122,6 +124,10 @@ class InodeTable:
         if node.lookups <= 0 and ino != ROOT_INO:
             del self.nodes[ino]
             self.close_fds(node)
+            if node.orphan is not None:
+                self.ov.numbers.forget(os.stat(node.orphan, dir_fd=self.ov.work_fd,
+                                               follow_symlinks=False))
+                os.unlink(node.orphan, dir_fd=self.ov.work_fd)
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The fd of node's directory in one layer, opened without following links."""

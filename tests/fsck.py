@@ -11,8 +11,10 @@ from cowfs.overlay import Overlay
 
 def check_invariants(ov: Overlay) -> None:
     assert ov.table.nodes[ROOT_INO] is ov.root
-    # work/ holds nothing but the shared whiteout once every operation has finished
-    assert set(os.listdir(ov.work_fd)) <= {"whiteout"}
+    # work/ holds nothing but the shared whiteout and the orphans of deleted files
+    # the kernel still holds, once every operation has finished
+    orphans = {n.orphan.decode() for n in ov.table.nodes.values() if n.orphan}
+    assert set(os.listdir(ov.work_fd)) <= {"whiteout"} | orphans
     for ino, node in ov.table.nodes.items():
         assert node.ino == ino
         if node.unlinked or node.parent is None:

@@ -131,10 +131,6 @@ def _reopen_after_unlink(name: str):
     return op
 
 
-@pytest.mark.xfail(reason="open() of an inode whose name was unlinked meanwhile: the kernel "
-                          "opens the inode; cowfs answered ENXIO (it opened the whiteout now "
-                          "at the name), since e6aaab3 ENOENT unless an fd is still open",
-                   strict=True)
 def test_reopen_unlinked_copied_up_file() -> None:
     with od.Pair([L({"a": _file()})]) as p:
         p.do("append a X", od.op_write("a", 0, b"X", append=True))
@@ -142,9 +138,6 @@ def test_reopen_unlinked_copied_up_file() -> None:
         p.do("O_PATH a; unlink a; reopen", _reopen_after_unlink("a"))
 
 
-@pytest.mark.xfail(reason="same cause as test_reopen_unlinked_copied_up_file: for an "
-                          "upper-only file cowfs answers ENOENT, the kernel opens it",
-                   strict=True)
 def test_reopen_unlinked_upper_file() -> None:
     with od.Pair([L({})]) as p:
         p.do("create b", od.op_create("b", 0o644, True, False))
