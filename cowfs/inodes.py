@@ -23,7 +23,7 @@ _NO_FDS: dict[int, int] = {}
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "fds", "index", "lookups", "gen", "metacopy",
-                 "unlinked", "orphan", "attr", "listing", "extra_links", "links",
+                 "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links",
                  "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
@@ -47,6 +47,8 @@ class Node:
         # this name until the kernel forgets it (open fds, O_PATH, cwd...).
         self.orphan: bytes | None = None
         self.attr: Any = None           # adapter's cached reply for immutable nodes
+        # Known to have no security.capability: the kernel asks before every write.
+        self.no_caps = False
         self.listing: list[bytes] | None = None  # directories: merged names, cached
         # Names of a copied-up lower hard link still only in the lower layer: they
         # count in st_nlink, and are linked up when they are renamed.

@@ -29,10 +29,20 @@ def _refuse_private(name: str) -> None:
         raise OSError(errno.EPERM, "overlay-private xattr")
 
 
+CAPS = "security.capability"
+
+
 def getxattr(ov: Overlay, node: Node, name: str) -> bytes:
-    if is_private_xattr(name):
+    if is_private_xattr(name) or (node.no_caps and name == CAPS):
         raise OSError(errno.ENODATA, "no such xattr")
-    return os.getxattr(_path(ov, node), name, follow_symlinks=False)
+    try:
+        return os.getxattr(_path(ov, node), name, follow_symlinks=False)
+    except OSError as e:
+        # The kernel checks security.capability before every write(2); only this
+        # mount changes xattrs, so remember its absence until setxattr.
+        if e.errno == errno.ENODATA and name == CAPS:
+            node.no_caps = True
+        raise
 
 
 def listxattr(ov: Overlay, node: Node) -> list[str]:
@@ -45,6 +55,7 @@ async def setxattr(ov: Overlay, node: Node, name: str, value: bytes) -> None:
     _refuse_private(name)
     await copy_up(ov, node, data=False)
     os.setxattr(_path(ov, node), name, value, follow_symlinks=False)
+    node.no_caps = False
 
 
 async def removexattr(ov: Overlay, node: Node, name: str) -> None:
