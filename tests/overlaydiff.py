@@ -204,13 +204,18 @@ class Normalize:
 
 
 def snapshot(root: str, norm: Normalize | None = None,
-             skip_phantoms: bool = False) -> dict[str, tuple]:
+             skip_phantoms: bool = False, inos_seen: dict[str, int] | None = None
+             ) -> dict[str, tuple]:
     """Everything that matters about the merged tree at root, by relative path.
 
     skip_phantoms: leave out names readdir lists but lookup does not find.  The
     kernel lists a whiteout in a lower directory that is not merged with any
     other (it reads such a directory directly); nothing can be done with the
     name, so the harness treats it as absent on the kernel side.
+
+    inos_seen: path -> st_ino from the last snapshot, updated in place; each
+    entry then records whether its inode number stayed the same (overlayfs keeps
+    it across copy-up) and whether readdir's d_ino agrees with st_ino.
     """
     norm = norm or Normalize()
     out: dict[str, tuple] = {}
@@ -219,11 +224,12 @@ def snapshot(root: str, norm: Normalize | None = None,
     def walk(rel: str) -> None:
         full = os.path.join(root, rel) if rel else root
         try:
-            names = sorted(os.listdir(full))
+            with os.scandir(full) as it:
+                d_inos = {e.name: e.inode() for e in it}
         except OSError as e:
             out[rel + "/<listdir>"] = ("err", _errname(e.errno or 0))
             return
-        for name in names:
+        for name in sorted(d_inos):
             r = f"{rel}/{name}" if rel else name
             p = os.path.join(root, r)
             try:
@@ -244,6 +250,11 @@ def snapshot(root: str, norm: Normalize | None = None,
             elif fmt == stat.S_IFLNK:
                 rec += [st.st_size, os.readlink(p)]
             rec.append(user_xattrs(p))
+            if inos_seen is not None:
+                before = inos_seen.get(r)
+                rec.append(("d_ino==st_ino", d_inos[name] == st.st_ino,
+                            "same ino", None if before is None else before == st.st_ino))
+                inos_seen[r] = st.st_ino
             out[r] = tuple(rec)
             if fmt == stat.S_IFDIR:
                 walk(r)
@@ -314,6 +325,7 @@ class Side:
     def __init__(self, name: str, mnt: str, upper: str, work: str) -> None:
         self.name, self.mnt, self.upper, self.work = name, mnt, upper, work
         self.fds: list[int | None] = []
+        self.inos: dict[str, int] = {}   # path -> st_ino at the last snapshot
 
     def p(self, rel: str) -> str:
         return os.path.join(self.mnt, rel)
@@ -391,6 +403,8 @@ class Pair:
             s.fds.clear()
         self.stack.close()
         self.stack = contextlib.ExitStack()
+        self.k.inos.clear()
+        self.c.inos.clear()
         for mount, lowers, base, extra in self.mounts:
             self.stack.enter_context(mount(lowers, base / "upper", base / "work",
                                            base / "mnt", extra))
@@ -433,8 +447,8 @@ class Pair:
         return rk
 
     def trees(self) -> tuple[dict, dict]:
-        return (snapshot(self.k.mnt, self.norm, skip_phantoms=True),
-                snapshot(self.c.mnt, self.norm))
+        return (snapshot(self.k.mnt, self.norm, skip_phantoms=True, inos_seen=self.k.inos),
+                snapshot(self.c.mnt, self.norm, inos_seen=self.c.inos))
 
     def check_trees(self, desc: str = "") -> None:
         a, b = self.trees()
@@ -492,8 +506,13 @@ def op_write(path: str, off: int, data: bytes, append: bool = False) -> Callable
 def op_read(path: str) -> Callable[[Side], Any]:
     def f(s: Side) -> str:
         fd = os.open(s.p(path), os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb") as fh:
-            return hashlib.md5(fh.read()).hexdigest()
+        h = hashlib.md5()
+        try:
+            while chunk := os.read(fd, 1 << 20):   # a fifo with a writer: EAGAIN
+                h.update(chunk)
+        finally:
+            os.close(fd)
+        return h.hexdigest()
     return f
 
 
