@@ -60,7 +60,6 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
         _detach_stdio()
-    unmount = True
     try:
         trio.run(_serve)
     except Exception:
@@ -68,7 +67,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         raise
     finally:
         # After umount(8) the session is already gone; close() copes with both.
-        pyfuse3.close(unmount=unmount)
+        pyfuse3.close(unmount=True)
         overlay.close()
         forget_mount(cfg.mountpoint)
     return 0

@@ -23,8 +23,7 @@ _NO_FDS: dict[int, int] = {}
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "fds", "index", "lookups", "gen", "metacopy",
-                 "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links",
-                 "__weakref__")
+                 "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
                  layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:

@@ -90,12 +90,6 @@ def entry_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
             for n in os.listxattr(path, follow_symlinks=False)}
 
 
-def get_xattr_or_none(dir_fd: int, name: bytes, attr: str) -> bytes | None:
-    try:
-        return os.getxattr(xattr_path(dir_fd, name), attr, follow_symlinks=False)
-    except OSError:
-        return None
-
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2

@@ -201,14 +201,6 @@ def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node
     return node
 
 
-def node_path(node: Node) -> tuple[bytes, ...]:
-    """Components from the root to node in the merged view."""
-    parts = []
-    while node.parent is not None:
-        parts.append(node.name)
-        node = node.parent
-    return tuple(reversed(parts))
-
 
 def lower_path(node: Node) -> tuple[bytes, ...]:
     """Where node's lower directories live below each lower layer root."""

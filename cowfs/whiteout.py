@@ -15,7 +15,7 @@ import stat
 
 WH_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
-PRIVATE_PREFIXES = ("trusted.overlay.", "user.overlay.")
+# overlayfs' own xattr namespaces: trusted. as root, user. with userxattr.
 XATTR_NS = ("trusted.overlay.", "user.overlay.")
 # Errors that mean "no such xattr here", not a failure.
 NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
@@ -23,18 +23,12 @@ NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 def is_private_xattr(name: str) -> bool:
     """Overlay-private xattrs are never shown or settable through the mount."""
-    return name.startswith(PRIVATE_PREFIXES)
+    return name.startswith(XATTR_NS)
 
 
 def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
-
-def oci_whiteout_target(name: bytes) -> bytes | None:
-    """NAME for a `.wh.NAME` entry, None for other names and the opaque marker."""
-    if name.startswith(WH_PREFIX) and name != OPAQUE_MARKER and len(name) > 4:
-        return name[4:]
-    return None
 
 
 def overlay_xattr(fd_or_path: int | bytes, suffix: str) -> bytes | None:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
-from pathlib import Path
 
 import pytest
 
