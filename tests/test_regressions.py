@@ -79,27 +79,36 @@ def test_private_xattrs_are_refused_deliberately() -> None:
         assert rc == ("err", "ENODATA")
 
 
-@pytest.mark.xfail(reason="cowfs gives all names of a lower hard link one node: copying "
-                          "up one name (a write through it) changes what the other names "
-                          "show; the kernel (index=off) breaks the link on copy-up", strict=True)
-def test_lower_hardlink_copy_up_breaks_link() -> None:
+# Lower hard links: cowfs keeps the names one inode after a copy-up, as the kernel
+# does with index=on (a deliberate difference from its default index=off, where a
+# write through one name does not show through the others; see the README).
+INDEX_ON = od.KERNEL_EXTRA + ",index=on"
+
+
+def test_lower_hardlink_copy_up_keeps_link() -> None:
     layers = [L({"d": E("dir"), "d/a": _file(), "d/b": E("hardlink", target="d/a")})]
-    with od.Pair(layers, od.Normalize(dir_nlink=False)) as p:
+    with od.Pair(layers, kernel_extra=INDEX_ON) as p:
         p.do("pwrite d/b @0 XX", od.op_write("d/b", 0, b"XX"))
-        # kernel: d/a still b"lower\n" (nlink 2, the lower inode), d/b b"XXwer\n" (nlink 1)
-        # cowfs:  d/a and d/b both b"XXwer\n", both nlink 2
-        p.do("read d/a", od.op_read("d/a"))
+        p.do("read d/a", od.op_read("d/a"))     # both: b"XXwer\n"
         p.check_trees()
 
 
-@pytest.mark.xfail(reason="same root cause as test_lower_hardlink_copy_up_breaks_link: "
-                          "after RENAME_EXCHANGE copies up one name of a lower hard link, "
-                          "cowfs still shows it linked (nlink 2, same inode)", strict=True)
 def test_exchange_lower_file_with_lower_hardlink() -> None:
     layers = [L({"b": _file(b"B" * 9000, 0o444, xattrs=(("user.low", b"v"),))}),
               L({"d": E("dir"), "d/a": _file(), "d/b": E("hardlink", target="d/a")})]
-    with od.Pair(layers, od.Normalize(dir_nlink=False)) as p:
+    with od.Pair(layers, kernel_extra=INDEX_ON) as p:
         p.do("exchange b d/b", od.op_rename("b", "d/b", od.RENAME_EXCHANGE))
+        p.check_trees()
+
+
+@pytest.mark.xfail(reason="a directory opaque in its top layer is not merged: the kernel "
+                          "reports its real nlink (3), cowfs reports 1 as for a merged "
+                          "directory (it counts the layers below the opaque one)", strict=True)
+@pytest.mark.parametrize("form", ["kernel", "oci"])
+def test_opaque_dir_nlink(form: str) -> None:
+    layers = [L({"d": E("opaque"), "d/x": E("dir")}, form=form),
+              L({"d": E("dir"), "d/y": E("dir")})]
+    with od.Pair(layers) as p:
         p.check_trees()
 
 
@@ -174,3 +183,18 @@ def test_reads_kernel_metacopy_small_file() -> None:
     with od.Pair([L({"d": E("dir"), "d/b": _file()})], od.Normalize(dir_nlink=False)) as p:
         p.do("setxattr d/b user.k1", od.op_setxattr("d/b", "user.k1", b"v1"))
         p.check_cowfs_reads_kernel_upper()
+
+
+@pytest.mark.xfail(reason="a redirected directory after remount: cowfs merges every lower "
+                          "layer that has the redirect path as a directory; the kernel stops "
+                          "at the first layer where a component is not a directory (here the "
+                          "fifo d), so a deeper d/e/a must not show as f/a", strict=True)
+def test_redirect_stops_at_non_dir_layer() -> None:
+    layers = [L({"d": E("dir"), "d/e": E("dir")}), L({"d": E("fifo")}),
+              L({"d": E("dir"), "d/e": E("dir"), "d/e/a": _file()})]
+    with od.Pair(layers) as p:
+        p.do("rename d/e f", od.op_rename("d/e", "f"))
+        p.check_trees()
+        p.remount()
+        # kernel: f is empty; cowfs: f/a from the third layer
+        p.check_trees("after remount")
