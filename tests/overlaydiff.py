@@ -199,6 +199,7 @@ class Normalize:
     """Fields of a merged tree compared (switched off only for divergences that
     have an xfail regression test)."""
     dir_nlink: bool = True
+    file_nlink: bool = True
     ino_groups: bool = True
     metacopy_redirect: bool = True   # cowfs reading the kernel's renamed/linked metacopy files
     redirect_after_remount: bool = True   # contents of redirected dirs after a remount
@@ -244,7 +245,7 @@ def snapshot(root: str, norm: Normalize | None = None,
             if fmt == stat.S_IFDIR:
                 rec.append(("nlink", st.st_nlink) if norm.dir_nlink else None)
             else:
-                rec.append(("nlink", st.st_nlink))
+                rec.append(("nlink", st.st_nlink) if norm.file_nlink else None)
                 inos.setdefault(st.st_ino, []).append(r)
             if fmt == stat.S_IFREG:
                 rec += [st.st_size, file_hash(p, st)]
