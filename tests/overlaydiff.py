@@ -335,10 +335,12 @@ class Side:
 
 def stray_work_entries(workdir: str | Path) -> list[str]:
     """What is left in workdir/work besides cowfs' shared whiteout (a 0/0
-    character device it keeps there to hard-link whiteouts from)."""
+    character device it keeps there to hard-link whiteouts from) and orphans
+    (deleted files the kernel may still open, kept until it forgets them)."""
     work = os.path.join(workdir, "work")
     return [n for n in os.listdir(work)
-            if not (n == "whiteout" and stat.S_ISCHR(os.lstat(os.path.join(work, n)).st_mode))]
+            if not (n == "whiteout" and stat.S_ISCHR(os.lstat(os.path.join(work, n)).st_mode))
+            and not n.startswith("#orphan-")]
 
 
 def cowfs_pid(mnt: str) -> int | None:
