@@ -108,7 +108,7 @@ class CowfsOperations(pyfuse3.Operations):
             attr.st_nlink = 0     # (an orphan's real link is work/'s, not a name)
         elif node.extra_links:
             attr.st_nlink += node.extra_links
-        elif len(node.layers) > 1:
+        elif node.is_dir and inode_attrs.is_merged(self.ov, node):
             # A merged directory's link count is unknowable without reading every
             # layer; like overlayfs, report 1 ("not counted": find and fts cope).
             attr.st_nlink = 1

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .copyup import copy_up
 from .inodes import Node
 from .layers import lstat_at, open_file_at
+from .lookup import lower_index
 
 if TYPE_CHECKING:
     from .overlay import Overlay
@@ -24,6 +25,14 @@ def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
     if node.parent is None:
         return ov.layers[0].fd, b"."  # type: ignore[union-attr]
     return ov.table.dir_fd(node.parent, 0), node.name
+
+
+def is_merged(ov: Overlay, node: Node) -> bool:
+    """A directory that more than one layer contributes to (opaque ones cut the
+    list, which is known once its lower index is built)."""
+    if len(node.layers) > 1 and node.index is None:
+        lower_index(ov, node)
+    return len(node.layers) > 1
 
 
 def getattr_(ov: Overlay, node: Node) -> os.stat_result:

@@ -13,7 +13,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from .inodes import Node
-from .layers import lstat_at, lstat_or_none, walk_dirs, xattr_path
+from .layers import lstat_at, lstat_or_none, open_dir_at, walk_dirs, xattr_path
 from .whiteout import (OPAQUE_MARKER, WH_PREFIX, dir_opacity, is_whiteout_stat,
                        is_xattr_whiteout, overlay_xattr)
 
@@ -147,8 +147,7 @@ def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
             value = overlay_xattr(path, "redirect") if ov.redirect_dir else None
             if value:
                 redirect = redirect_components(parent, value)
-                layers += tuple(k for k in ov.lower_indexes
-                                if _dir_exists(ov.layers[k].fd, redirect))
+                layers += _redirect_layers(ov, redirect)
             else:
                 ent = lower_entry(ov, parent, name)
                 if ent is not None and ent[1]:
@@ -233,9 +232,32 @@ def _lower_file_layer(ov: Overlay, comps: tuple[bytes, ...]) -> int | None:
     return None
 
 
-def _dir_exists(root_fd: int, comps: tuple[bytes, ...]) -> bool:
-    fd = walk_dirs(root_fd, comps)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
+def _redirect_layers(ov: Overlay, comps: tuple[bytes, ...]) -> tuple[int, ...]:
+    """Lower layers merged into a redirected directory: top down, while the path
+    is a directory; a layer where it is anything else (a whiteout too) ends it."""
+    found: list[int] = []
+    for k in ov.lower_indexes:
+        kind = _path_kind(ov.layers[k].fd, comps)  # type: ignore[union-attr]
+        if kind == "other":
+            break
+        if kind == "dir":
+            found.append(k)
+    return tuple(found)
+
+
+def _path_kind(root_fd: int, comps: tuple[bytes, ...]) -> str:
+    """"dir", "missing" or "other" for the entry at comps below root_fd."""
+    fd = os.dup(root_fd)
+    try:
+        for name in comps:
+            st = lstat_or_none(fd, name)
+            if st is None:
+                return "missing"
+            if not stat.S_ISDIR(st.st_mode):
+                return "other"
+            nfd = open_dir_at(fd, name)
+            os.close(fd)
+            fd = nfd
+        return "dir"
+    finally:
+        os.close(fd)

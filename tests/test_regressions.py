@@ -101,9 +101,6 @@ def test_exchange_lower_file_with_lower_hardlink() -> None:
         p.check_trees()
 
 
-@pytest.mark.xfail(reason="a directory opaque in its top layer is not merged: the kernel "
-                          "reports its real nlink (3), cowfs reports 1 as for a merged "
-                          "directory (it counts the layers below the opaque one)", strict=True)
 @pytest.mark.parametrize("form", ["kernel", "oci"])
 def test_opaque_dir_nlink(form: str) -> None:
     layers = [L({"d": E("opaque"), "d/x": E("dir")}, form=form),
@@ -185,10 +182,6 @@ def test_reads_kernel_metacopy_small_file() -> None:
         p.check_cowfs_reads_kernel_upper()
 
 
-@pytest.mark.xfail(reason="a redirected directory after remount: cowfs merges every lower "
-                          "layer that has the redirect path as a directory; the kernel stops "
-                          "at the first layer where a component is not a directory (here the "
-                          "fifo d), so a deeper d/e/a must not show as f/a", strict=True)
 def test_redirect_stops_at_non_dir_layer() -> None:
     layers = [L({"d": E("dir"), "d/e": E("dir")}), L({"d": E("fifo")}),
               L({"d": E("dir"), "d/e": E("dir"), "d/e/a": _file()})]
