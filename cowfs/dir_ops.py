@@ -348,17 +348,19 @@ def _set_opaque(ov: Overlay, node: Node) -> None:
                 follow_symlinks=False)
 
 
-async def _prepare_moved_dir(ov: Overlay, node: Node, dest_has_lower: bool,
+async def _prepare_moved_dir(ov: Overlay, node: Node, dest_parent: Node,
                              moves: bool, same_parent: bool) -> None:
     """Copy a directory up before it moves; keep its lower contents reachable
-    (redirect) or keep a lower directory at the destination out (opaque)."""
+    (redirect), or, for a directory with none, keep whatever the lower layers of
+    a merged destination hold under its new name out of it (opaque), as
+    overlayfs does."""
     has_lower = any(k != 0 for k in node.layers)
     if has_lower and moves and not ov.redirect_dir:
         raise OSError(errno.EXDEV, "renaming a lower directory needs redirect_dir=on")
     await copy_up(ov, node)
     if has_lower and moves:
         _set_redirect(ov, node, same_parent)
-    elif not has_lower and dest_has_lower:
+    elif not has_lower and any(k != 0 for k in dest_parent.layers):
         _set_opaque(ov, node)
 
 
@@ -391,13 +393,13 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
     src_lower = lower_entry(ov, old_parent, old_name) is not None
     dst_lower = lower_entry(ov, new_parent, new_name) is not None
     if src.is_dir:
-        await _prepare_moved_dir(ov, src, dst_lower, moves, old_parent is new_parent)
+        await _prepare_moved_dir(ov, src, new_parent, moves, old_parent is new_parent)
     else:
         await copy_up(ov, src)
         link_up(ov, src, old_parent, old_name)
     if exchange and dst is not None:
         if dst.is_dir:
-            await _prepare_moved_dir(ov, dst, src_lower, moves, old_parent is new_parent)
+            await _prepare_moved_dir(ov, dst, old_parent, moves, old_parent is new_parent)
         else:
             await copy_up(ov, dst)
             link_up(ov, dst, new_parent, new_name)

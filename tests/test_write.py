@@ -380,3 +380,16 @@ def test_upper_hard_links_and_reused_inode_numbers(tmp_path):
         out.append(sorted(os.listdir(m))[:5])
         return out
     both(tmp_path, script)
+
+
+def test_upper_dir_moved_into_merged_parent_is_opaque(tmp_path):
+    """Found by the differential test: a directory with no lower part moved into a
+    merged parent is marked opaque, as overlayfs does."""
+    def script(m: Path) -> list:
+        os.mkdir(m / "a")
+        os.mkdir(m / "app/sub")            # app is merged: sub is made opaque
+        os.mkdir(m / "app/sub/inner")      # sub is upper only: inner is not
+        os.rename(m / "app/sub/inner", m / "a/inner")
+        os.rename(m / "a/inner", m / "moved")
+        return sorted(os.listdir(m / "moved"))
+    both(tmp_path, script)
