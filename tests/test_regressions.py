@@ -191,3 +191,4 @@ def test_redirect_stops_at_non_dir_layer() -> None:
         p.remount()
         # kernel: f is empty; cowfs: f/a from the third layer
         p.check_trees("after remount")
+
