@@ -93,15 +93,9 @@ def layer_spec(draw):
 
 # Divergences that have an xfail regression test in test_regressions.py are masked
 # here, so the random search goes on finding new ones.
-KNOWN = od.Normalize(dir_nlink=False,                # test_opaque_dir_nlink
-                     redirect_after_remount=False,   # test_redirect_stops_at_non_dir_layer
-                     # Once (the default run, ~60 steps shrunk to mkdir a; mkdir d/a;
-                     # rename d/a a plus chmods) the kernel's upper dir a carried
-                     # opaque=y and cowfs' did not; replays did not reproduce it.
-                     # An opaque mark alone changes nothing in the merged view
-                     # (compared after every step), so upper opaque marks are not
-                     # compared until that is understood.
-                     upper_opaque=False)
+# (test_opaque_dir_nlink, test_redirect_stops_at_non_dir_layer and
+# test_moved_upper_dir_gets_opaque were fixed in the core)
+KNOWN = od.Normalize(dir_nlink=False)   # test_failed_setxattr_on_lower_dir_nlink
 
 LONG = os.environ.get("COWFS_LONG") == "1"
 COUNTS = {"examples": 0, "ops": 0}
