@@ -280,13 +280,27 @@ def _orphan(ov: Overlay, node: Node, ufd: int, name: bytes, leave_whiteout: bool
     """Move a deleted file into work/ (leaving a whiteout where a lower layer has
     the name), where it lives on until the kernel forgets it, as POSIX wants."""
     tmp = b"#orphan-%d" % node.ino
-    if leave_whiteout and not ov.wh_fallback:
-        renameat2(ufd, name, ov.work_fd, tmp, RENAME_WHITEOUT)
-    else:
-        os.rename(name, tmp, src_dir_fd=ufd, dst_dir_fd=ov.work_fd)
-        if leave_whiteout:
-            _whiteout(ov, ufd, name)
+    if leave_whiteout and _rename_whiteout(ov, ufd, name, ov.work_fd, tmp):
+        node.orphan = tmp
+        return
+    os.rename(name, tmp, src_dir_fd=ufd, dst_dir_fd=ov.work_fd)
+    if leave_whiteout:
+        _whiteout(ov, ufd, name)
     node.orphan = tmp
+
+
+def _rename_whiteout(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes) -> bool:
+    """rename(2) leaving a whiteout behind, atomically; False where the upper
+    filesystem (or a non-root daemon) cannot, for the caller to do it in two steps."""
+    if ov.wh_fallback:
+        return False
+    try:
+        renameat2(ofd, old, nfd, new, RENAME_WHITEOUT)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        return False
 
 
 def _forget_upper(ov: Overlay, ufd: int, name: bytes) -> bool:
@@ -441,14 +455,8 @@ def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
         return
     if ov.wh_fallback and lstat_or_none(nfd, WH_PREFIX + new) is not None:
         os.unlink(WH_PREFIX + new, dir_fd=nfd)
+    if leave_whiteout and _rename_whiteout(ov, ofd, old, nfd, new):
+        return
+    os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
     if leave_whiteout:
-        try:
-            renameat2(ofd, old, nfd, new, RENAME_WHITEOUT)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
-                raise
-        os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
         _whiteout(ov, ofd, old)
-    else:
-        os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
