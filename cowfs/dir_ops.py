@@ -251,9 +251,11 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
     ensure_upper_dir(ov, parent)
     ufd = ov.table.dir_fd(parent, 0)
     in_lower = lower_entry(ov, parent, name) is not None
-    if _keep_as_orphan(ov, node, ufd, name):
+    st = _upper_entry(ufd, name)
+    if _keep_as_orphan(node, st):
         _orphan(ov, node, ufd, name, in_lower)
-    elif _forget_upper(ov, ufd, name):
+    elif st is not None:
+        _forget_upper(ov, st)
         if in_lower and not ov.wh_fallback:
             replace_with(ov, ufd, name, _new_whiteout(ov))
         else:
@@ -267,13 +269,18 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
     _detach(node, parent, name)
 
 
-def _keep_as_orphan(ov: Overlay, node: Node, ufd: int, name: bytes) -> bool:
-    """Is this the last name of an upper file the kernel still holds (open, or
+def _upper_entry(ufd: int, name: bytes) -> os.stat_result | None:
+    """The upper entry at name, if there is one that is not a whiteout."""
+    st = lstat_or_none(ufd, name)
+    return None if st is None or is_whiteout_stat(st) else st
+
+
+def _keep_as_orphan(node: Node, st: os.stat_result | None) -> bool:
+    """Is st the last name of an upper file the kernel still holds (open, or
     about to be opened through a dentry looked up before the delete)?"""
     if node.lookups <= 0 or node.is_dir or node.links or node.layer != 0:
         return False
-    st = lstat_or_none(ufd, name)
-    return st is not None and not is_whiteout_stat(st) and st.st_nlink == 1
+    return st is not None and st.st_nlink == 1
 
 
 def _orphan(ov: Overlay, node: Node, ufd: int, name: bytes, leave_whiteout: bool) -> None:
@@ -303,15 +310,11 @@ def _rename_whiteout(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes) ->
         return False
 
 
-def _forget_upper(ov: Overlay, ufd: int, name: bytes) -> bool:
+def _forget_upper(ov: Overlay, st: os.stat_result | None) -> None:
     """Before an upper entry is deleted: its real inode number may be handed to a
     new file, which must not inherit the overlay inode number it stood for."""
-    st = lstat_or_none(ufd, name)
-    if st is None or is_whiteout_stat(st):
-        return False
-    if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):
+    if st is not None and (st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode)):
         ov.numbers.forget(st)
-    return True
 
 
 def _clear_upper_dir(ov: Overlay, tmp: bytes) -> None:
@@ -332,7 +335,7 @@ def rmdir(ov: Overlay, parent: Node, name: bytes) -> None:
     ufd = ov.table.dir_fd(parent, 0)
     in_lower = lower_entry(ov, parent, name) is not None
     if node.layer == 0:
-        _forget_upper(ov, ufd, name)
+        _forget_upper(ov, _upper_entry(ufd, name))
         tmp = _new_whiteout(ov) if in_lower else ov.tmp_name()
         if in_lower:
             renameat2(ov.work_fd, tmp, ufd, name, RENAME_EXCHANGE)
@@ -426,10 +429,11 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
         assert dst is not None
         _moved(dst, new_parent, new_name, old_parent, old_name)
     else:
-        if dst is not None and _keep_as_orphan(ov, dst, nfd, new_name):
+        dst_st = _upper_entry(nfd, new_name)
+        if dst is not None and _keep_as_orphan(dst, dst_st):
             _orphan(ov, dst, nfd, new_name, dst_lower)
         else:
-            _forget_upper(ov, nfd, new_name)
+            _forget_upper(ov, dst_st)
         if dst is not None and dst.is_dir and dst.layer == 0:
             # The replaced directory is empty in the merged view but may hold whiteouts.
             tmp = ov.tmp_name()
