@@ -13,7 +13,7 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from .options import UsageError, parse_mount_options, validate
+from .overlay.params import UsageError, parse_mount_options, validate
 
 SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit"}
 

@@ -10,7 +10,7 @@ import pyfuse3
 import trio
 
 from .fuse_ops import CowfsOperations
-from .options import MountConfig
+from .overlay.params import MountConfig
 from .overlay import Overlay
 from .state import forget_mount, record_mount
 

@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from . import dir_ops, file, inode_attrs, xattrs
-from .inodes import Node
-from .lookup import lookup
+from .overlay import dir as dir_ops, file, inode as inode_attrs, xattrs
+from .overlay.inodes import Node
+from .overlay.namei import lookup
 from .overlay import Overlay
-from .readdir import merged_names
+from .overlay.readdir import merged_names
 
 log = logging.getLogger("cowfs")
 

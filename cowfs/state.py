@@ -6,7 +6,7 @@ import os
 
 import xxhash
 
-from .options import MountConfig
+from .overlay.params import MountConfig
 
 STATE_DIR = "/run/cowfs/mounts" if os.geteuid() == 0 else os.path.join(
     os.environ.get("XDG_RUNTIME_DIR", f"/tmp/cowfs-{os.getuid()}"), "cowfs", "mounts")

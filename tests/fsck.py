@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import stat
 
-from cowfs.inodes import ROOT_INO
-from cowfs.lookup import lookup, lower_entry
+from cowfs.overlay.inodes import ROOT_INO
+from cowfs.overlay.namei import lookup, lower_entry
 from cowfs.overlay import Overlay
 
 

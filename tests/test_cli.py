@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.options import UsageError, parse_mount_options, split_options
+from cowfs.overlay.params import UsageError, parse_mount_options, split_options
 
 from .conftest import write
 from .mountutil import COWFS, is_mountpoint, mounted, unmount

@@ -10,10 +10,10 @@ import pytest
 import trio
 
 from cowfs import dir_ops, file, inode_attrs, xattrs
-from cowfs.lookup import lookup
-from cowfs.options import parse_mount_options
+from cowfs.overlay.namei import lookup
+from cowfs.overlay.params import parse_mount_options
 from cowfs.overlay import Overlay
-from cowfs.readdir import merged_names
+from cowfs.overlay.readdir import merged_names
 
 from .conftest import build_standard_layers
 from .fsck import check_invariants

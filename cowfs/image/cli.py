@@ -8,7 +8,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
-from ..options import UsageError, is_mounted, parse_mount_options, validate
+from ..overlay.params import UsageError, is_mounted, parse_mount_options, validate
 from ..state import find_mount
 from .changes import diff
 from .commit import append_image, write_layer

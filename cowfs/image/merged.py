@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ..layers import lstat_or_none, open_dir_at
+from ..overlay.layers import lstat_or_none, open_dir_at
 from .ovlformat import WH_PREFIX, is_hidden_marker, is_opaque, redirect, whiteout_target
 
 Parts = tuple[bytes, ...]

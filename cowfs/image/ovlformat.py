@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 
-from ..layers import xattr_path
+from ..overlay.layers import xattr_path
 
 WH_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"

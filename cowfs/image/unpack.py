@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..layers import DIR_FLAGS, lstat_or_none, xattr_path
+from ..overlay.layers import DIR_FLAGS, lstat_or_none, xattr_path
 from .errors import ImageError
 from .merged import Stack, close_sources
 from .ovlformat import OPAQUE_MARKER, WH_PREFIX, is_hidden_marker, is_overlay_xattr, user_xattrs

@@ -14,17 +14,17 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
-from .copyup import copy_up, ensure_upper_dir, link_up, replace_with
+from .copy_up import copy_up, ensure_upper_dir, link_up, replace_with
 from .file import Handle, attach
 from .inodes import Node
 from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_at,
                      lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
-from .lookup import lookup, lower_entry, lower_path
+from .namei import lookup, lower_entry, lower_path
 from .readdir import merged_names
-from .whiteout import WH_PREFIX, is_whiteout_stat, private_xattr_name
+from .format import WH_PREFIX, is_whiteout_stat, private_xattr_name
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 NAME_MAX = 255
 SHARED_WHITEOUT = b"whiteout"

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 from .inodes import Node
 from .layers import lstat_at, lstat_or_none, open_dir_at, walk_dirs, xattr_path
-from .whiteout import (OPAQUE_MARKER, WH_PREFIX, dir_opacity, is_whiteout_stat,
+from .format import (OPAQUE_MARKER, WH_PREFIX, dir_opacity, is_whiteout_stat,
                        is_xattr_whiteout, overlay_xattr)
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 # A lower index entry: [layer, is_dir, layers merged (dirs), merge closed] and,
 # once looked up, its inode number; None for a name whited out in some lower layer.

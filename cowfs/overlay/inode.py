@@ -6,13 +6,13 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from .copyup import copy_up
+from .copy_up import copy_up
 from .inodes import Node
 from .layers import lstat_at, open_file_at
-from .lookup import lower_index
+from .namei import lower_index
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 
 def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:

@@ -21,10 +21,10 @@ import trio
 from .inodes import Node
 from .layers import (entry_xattrs, lstat_at, lstat_or_none, open_file_at, renameat2,
                      walk_dirs)
-from .whiteout import NO_XATTR, is_private_xattr, private_xattr_name
+from .format import NO_XATTR, is_private_xattr, private_xattr_name
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 FICLONE = 0x40049409
 CHUNK = 1 << 30

@@ -5,13 +5,13 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from .copyup import copy_up, open_lower_data
-from .inode_attrs import upper_ref
+from .copy_up import copy_up, open_lower_data
+from .inode import upper_ref
 from .inodes import Node
 from .layers import open_file_at
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 

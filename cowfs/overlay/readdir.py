@@ -5,11 +5,11 @@ import os
 from typing import TYPE_CHECKING
 
 from .inodes import Node
-from .lookup import lower_index
-from .whiteout import WH_PREFIX, is_whiteout_stat
+from .namei import lower_index
+from .format import WH_PREFIX, is_whiteout_stat
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 
 def merged_names(ov: Overlay, node: Node) -> list[bytes]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .layers import open_dir_at, walk_dirs
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 ROOT_INO = 1
 _NO_FDS: dict[int, int] = {}

@@ -5,14 +5,14 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
-from .copyup import copy_up
-from .inode_attrs import upper_ref
+from .copy_up import copy_up
+from .inode import upper_ref
 from .inodes import Node
 from .layers import xattr_path
-from .whiteout import is_private_xattr
+from .format import is_private_xattr
 
 if TYPE_CHECKING:
-    from .overlay import Overlay
+    from .super import Overlay
 
 
 def _path(ov: Overlay, node: Node) -> bytes:

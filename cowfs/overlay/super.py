@@ -1,4 +1,4 @@
-"""The overlay: its layers, its inodes, and the state every operation shares.
+"""The overlay (overlayfs' super.c): its layers, its inodes, and the state every operation shares.
 
 The FUSE adapter (fuse_ops) only translates requests; the semantics live in the
 modules named after overlayfs' own split: lookup, readdir, copyup, dir_ops,
@@ -16,7 +16,7 @@ import trio
 
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
 from .layers import DIR_FLAGS, Layer
-from .options import MountConfig
+from .params import MountConfig
 
 WORK_SUBDIR = "work"
 
