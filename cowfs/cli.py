@@ -38,15 +38,19 @@ def _mount_parser() -> argparse.ArgumentParser:
                    help="stay in the foreground")
     p.add_argument("-d", "--debug", action="store_true",
                    help="foreground, log every request to stderr")
+    p.add_argument("--log", metavar="FILE",
+                   help="where the daemon logs (default when detached: a file in the run dir)")
     p.add_argument("args", nargs="+", metavar="[SOURCE] MNT")
     return p
 
 
-def _run_mount(opts: list[str], mountpoint: str, foreground: bool, debug: bool) -> int:
+def _run_mount(opts: list[str], mountpoint: str, foreground: bool, debug: bool,
+               log_file: str | None = None) -> int:
     from .daemon import mount
     try:
         cfg = parse_mount_options(opts, mountpoint)
         cfg.debug = cfg.debug or debug
+        cfg.log_file = os.path.abspath(log_file) if log_file else None
         validate(cfg)
     except UsageError as e:
         print(f"cowfs: {e}", file=sys.stderr)
@@ -59,7 +63,7 @@ def _legacy_main(argv: list[str]) -> int:
     if len(ns.args) > 2:
         print("cowfs: too many arguments (expected [SOURCE] MNT)", file=sys.stderr)
         return 2
-    return _run_mount(ns.opts, ns.args[-1], ns.foreground, ns.debug)
+    return _run_mount(ns.opts, ns.args[-1], ns.foreground, ns.debug, ns.log)
 
 
 def _cmd_mount(ns: argparse.Namespace) -> int:
@@ -71,7 +75,7 @@ def _cmd_mount(ns: argparse.Namespace) -> int:
         if not ns.work:
             os.makedirs(work, exist_ok=True)
         opts.append(f"upperdir={ns.upper},workdir={work}")
-    return _run_mount(opts, ns.mountpoint, ns.foreground, ns.debug)
+    return _run_mount(opts, ns.mountpoint, ns.foreground, ns.debug, ns.log)
 
 
 def _cmd_umount(ns: argparse.Namespace) -> int:
@@ -98,6 +102,7 @@ def _command_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS")
     m.add_argument("-f", "--foreground", action="store_true")
     m.add_argument("-d", "--debug", action="store_true")
+    m.add_argument("--log", metavar="FILE", help="where the daemon logs")
     m.add_argument("mountpoint")
     m.set_defaults(func=_cmd_mount)
 

@@ -1,54 +1,65 @@
-"""Mount lifecycle: mount, detach once live, serve, unmount on signal or umount."""
+"""Mount lifecycle: mount, detach once live, serve, unmount on signal or umount.
+
+Concurrency (measured, see bench/PROFILE.md): a few worker threads read the
+/dev/fuse fd and its clones; the overlay core runs one request at a time under
+its lock and releases it around blocking work (copying data, fsync, reads and
+writes the daemon serves), so one large copy-up does not stall other requests.
+"""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import sys
+import threading
 
-import pyfuse3
-import trio
-
-from .fuse_ops import CowfsOperations
-from .overlay.params import MountConfig
+from . import fuse
 from .overlay import Overlay
-from .state import forget_mount, record_mount
+from .overlay.params import MountConfig
+from .server import OverlayServer
+from .state import forget_mount, log_path, record_mount
 
 log = logging.getLogger("cowfs")
 
+TIMEOUT = 86400.0
 
-def fuse_options(cfg: MountConfig) -> set[str]:
-    opts = {"fsname=cowfs", "subtype=cowfs", "default_permissions"}
-    if os.geteuid() == 0:
-        # Root mounts serve every user; the kernel checks permissions itself.
-        opts.add("allow_other")
-        opts.update({"dev", "suid"} - {f[2:] for f in cfg.kernel_flags if f.startswith("no")})
-    opts.update(f for f in cfg.kernel_flags if f in {"nodev", "nosuid", "noexec", "noatime"})
+
+def mount_spec(cfg: MountConfig) -> fuse.MountSpec:
+    flags = {f for f in cfg.kernel_flags if f in {"nodev", "nosuid", "noexec", "noatime"}}
+    root = os.geteuid() == 0
+    if not root:
+        # fusermount3 refuses dev and suid for users anyway; say so explicitly.
+        flags |= {"nodev", "nosuid"}
     if cfg.read_only or not cfg.upperdir:
-        opts.add("ro")
-    return opts
+        flags.add("ro")
+    # Root mounts serve every user; the kernel checks permissions itself.
+    return fuse.MountSpec(cfg.mountpoint, fsname=cfg.fsname, subtype="cowfs", flags=flags,
+                          allow_other=root, default_permissions=True)
 
 
-async def _serve() -> None:
-    async with trio.open_nursery() as nursery:
-        async def on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for _ in sigs:
-                    pyfuse3.terminate()
-                    return
-        nursery.start_soon(on_signal)
-        await pyfuse3.main(min_tasks=2, max_tasks=64)
-        nursery.cancel_scope.cancel()
+def _passthrough_wanted(cfg: MountConfig) -> bool:
+    # The kernel lets only CAP_SYS_ADMIN register backing files.
+    return cfg.passthrough and os.geteuid() == 0
 
 
 def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
     """Mount, report readiness on ready_fd, serve until unmounted."""
+    fd = -1
     try:
         overlay = Overlay(cfg)
-        ops = CowfsOperations(overlay)
+        server = OverlayServer(overlay, _passthrough_wanted(cfg))
         record_mount(cfg)
-        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+        fd = fuse.mount(mount_spec(cfg))
+        session = fuse.Session(server, fd, fuse.Config(
+            entry_timeout=TIMEOUT, attr_timeout=TIMEOUT, negative_timeout=TIMEOUT,
+            passthrough=_passthrough_wanted(cfg), posix_acl=cfg.acl), overlay.lock)
+        server.attach(session)
+        session.handshake()
     except Exception as e:  # reported to the waiting parent, then exit
+        if fd >= 0:
+            _unmount(cfg.mountpoint)
+        forget_mount(cfg.mountpoint)
         msg = f"cowfs: cannot mount {cfg.mountpoint}: {e}"
         if ready_fd is None:
             print(msg, file=sys.stderr)
@@ -60,17 +71,38 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
         _detach_stdio()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
-        trio.run(_serve)
+        session.start()
+        while not stop.is_set() and not session.stopped():
+            stop.wait(1.0)
     except Exception:
         log.exception("cowfs: daemon failed")
         raise
     finally:
-        # After umount(8) the session is already gone; close() copes with both.
-        pyfuse3.close(unmount=True)
+        if not session.stopped():
+            # A signal, not umount(8): the mount is still ours to remove.  (After
+            # umount the path may already hold someone else's new mount.)
+            _unmount(cfg.mountpoint)
+        session.stop()
         overlay.close()
         forget_mount(cfg.mountpoint)
     return 0
+
+
+def _unmount(mountpoint: str) -> None:
+    try:
+        fuse.unmount(mountpoint)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            fuse.unmount(mountpoint, lazy=True)
+        elif e.errno not in (errno.EINVAL, errno.ENOENT):
+            log.warning("unmounting %s: %s", mountpoint, e)
 
 
 def _detach_stdio() -> None:
@@ -80,10 +112,20 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
+def _setup_logging(cfg: MountConfig, foreground: bool) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    fmt = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+    if cfg.log_file or not foreground:
+        path = cfg.log_file or log_path(cfg.mountpoint)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        logging.basicConfig(filename=path, level=level, format=fmt)
+    else:
+        logging.basicConfig(level=logging.DEBUG if cfg.debug else logging.WARNING, format=fmt)
+
+
 def mount(cfg: MountConfig, foreground: bool) -> int:
-    logging.basicConfig(level=logging.DEBUG if cfg.debug else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if foreground:
+        _setup_logging(cfg, True)
         return _serve_mounted(cfg, None)
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -93,8 +135,10 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
         os.chdir("/")
         code = 1
         try:
+            _setup_logging(cfg, False)
             code = _serve_mounted(cfg, wfd)
         finally:
+            logging.shutdown()
             os._exit(code)
     os.close(wfd)
     with os.fdopen(rfd, "rb") as r:

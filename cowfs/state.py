@@ -17,12 +17,19 @@ def _state_file(mountpoint: str) -> str:
     return os.path.join(STATE_DIR, key + ".json")
 
 
+def log_path(mountpoint: str) -> str:
+    """Where a detached daemon logs (cowfs --log FILE to choose)."""
+    key = xxhash.xxh64_hexdigest(os.path.realpath(mountpoint).encode())
+    return os.path.join(os.path.dirname(STATE_DIR), "logs", key + ".log")
+
+
 def record_mount(cfg: MountConfig) -> None:
     """Called before the mount is live: resolving the mountpoint afterwards would
     ask this very daemon, which is not serving yet."""
     os.makedirs(STATE_DIR, exist_ok=True)
     data = {"mountpoint": cfg.mountpoint, "lowerdirs": cfg.lowerdirs,
-            "upperdir": cfg.upperdir, "workdir": cfg.workdir, "pid": os.getpid()}
+            "upperdir": cfg.upperdir, "workdir": cfg.workdir, "pid": os.getpid(),
+            "log": cfg.log_file or log_path(cfg.mountpoint)}
     tmp = _state_file(cfg.mountpoint) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)

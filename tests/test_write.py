@@ -36,11 +36,12 @@ def attempt(fn: Callable[[], object]) -> object:
 
 
 def both(tmp_path: Path, script: Callable[[Path], list], *, compare_upper: bool = True,
-         kernel_opts: str = KERNEL_OPTS) -> tuple[Path, Path]:
+         kernel_opts: str = KERNEL_OPTS, cowfs_opts: str = "") -> tuple[Path, Path]:
     """Run script on a kernel mount and a cowfs mount of copies of the standard layers."""
     layers = build_standard_layers(tmp_path / "layers")
     results, views, uppers = [], [], []
-    for name, mount, extra in (("kernel", kernel_mount, kernel_opts), ("cowfs", cowfs_mount, "")):
+    for name, mount, extra in (("kernel", kernel_mount, kernel_opts),
+                               ("cowfs", cowfs_mount, cowfs_opts)):
         up, work, mnt = (tmp_path / name / d for d in ("upper", "work", "mnt"))
         for d in (up, work, mnt):
             d.mkdir(parents=True)
@@ -268,17 +269,36 @@ def test_unlinked_open_file_stays_readable(tmp_path):
     both(tmp_path, script)
 
 
+def _read_write_read(m: Path) -> list:
+    r = open(m / "etc/hosts", "rb")
+    first = r.read()
+    with open(m / "etc/hosts", "r+b") as w:
+        w.write(b"CHANGED!")
+    r.seek(0)
+    second = r.read()
+    r.close()
+    with open(m / "etc/hosts", "rb") as again:
+        third = again.read()
+    return [first, second, third]
+
+
 def test_reader_sees_data_written_after_copy_up(tmp_path):
-    def script(m: Path) -> list:
-        r = open(m / "etc/hosts", "rb")
-        first = r.read()
-        with open(m / "etc/hosts", "r+b") as w:
-            w.write(b"CHANGED!")
-        r.seek(0)
-        second = r.read()
-        r.close()
-        return [first, second]
-    both(tmp_path, script)
+    # Without passthrough the daemon serves the reader, which follows the copy-up.
+    both(tmp_path, _read_write_read, cowfs_opts="passthrough=off")
+
+
+def test_passthrough_reader_keeps_lower_data_after_copy_up(tmp_path):
+    """The documented difference of passthrough=on: a descriptor opened on the
+    lower file before another one's copy-up keeps reading the lower copy (the
+    kernel reads it itself); the writer and every later open see the upper one."""
+    layers = build_standard_layers(tmp_path / "layers")
+    up, work, mnt = (tmp_path / d for d in ("upper", "work", "mnt"))
+    for d in (up, work, mnt):
+        d.mkdir()
+    with cowfs_mount(layers, up, work, mnt, "passthrough=on") as m:
+        first, second, third = _read_write_read(m)
+    assert first == second == b"127.0.0.1 mid\n"
+    assert third == b"CHANGED!1 mid\n" == (up / "etc/hosts").read_bytes()
 
 
 def test_sparse_file_stays_sparse(tmp_path):

@@ -16,7 +16,6 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-import trio
 
 from .inodes import Node
 from .layers import (entry_xattrs, lstat_at, lstat_or_none, open_file_at, renameat2,
@@ -150,7 +149,7 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     node.layers = (0,) + node.layers
 
 
-async def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) -> None:
+def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) -> None:
     """Make node live in the upper layer; data=False allows a metadata-only copy,
     truncate=True (open with O_TRUNC) skips the data that is about to go."""
     if node.layer == 0 and not (data and node.metacopy):
@@ -159,27 +158,23 @@ async def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = F
     if node.unlinked:
         # Copying up a deleted entry would bring it back from the dead.
         raise OSError(errno.ENOENT, "deleted")
-    lock = ov.copy_lock(node)
-    try:
-        async with lock:
-            if node.layer == 0:
-                if data and node.metacopy:
-                    await _copy_up_data(ov, node, truncate)
-                return
-            if node.is_dir:
-                ensure_upper_dir(ov, node)
-                return
-            assert node.parent is not None
-            ensure_upper_dir(ov, node.parent)
-            if stat.S_ISREG(node.mode):
-                if not data and ov.metacopy:
-                    _copy_up_meta(ov, node)
-                else:
-                    await _copy_up_file(ov, node, truncate)
+    with ov.copying(node):
+        if node.layer == 0:
+            if data and node.metacopy:
+                _copy_up_data(ov, node, truncate)
+            return
+        if node.is_dir:
+            ensure_upper_dir(ov, node)
+            return
+        assert node.parent is not None
+        ensure_upper_dir(ov, node.parent)
+        if stat.S_ISREG(node.mode):
+            if not data and ov.metacopy:
+                _copy_up_meta(ov, node)
             else:
-                _copy_up_special(ov, node)
-    finally:
-        ov.release_copy_lock(node)
+                _copy_up_file(ov, node, truncate)
+        else:
+            _copy_up_special(ov, node)
 
 
 def _copy_up_special(ov: Overlay, node: Node) -> None:
@@ -201,7 +196,7 @@ def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
     return tmp, open_file_at(ov.work_fd, tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
 
 
-async def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
+def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     assert node.parent is not None
     src_dir = ov.table.dir_fd(node.parent, node.layer)
     src = open_file_at(src_dir, node.name, os.O_RDONLY)
@@ -211,10 +206,10 @@ async def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
         tmp, dst = _new_tmp_file(ov)
         try:
             if not truncate:
-                await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
+                ov.unlocked(copy_data, src, dst, st.st_size)
             _copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
             if not ov.volatile:
-                await trio.to_thread.run_sync(os.fsync, dst)
+                ov.unlocked(os.fsync, dst)
         finally:
             os.close(dst)
     finally:
@@ -240,7 +235,7 @@ def _copy_up_meta(ov: Overlay, node: Node) -> None:
     node.lower_layer = node.lower_layer or node.layer
 
 
-async def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
+def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     """Fill a metacopy placeholder with its data, then drop the mark: until the
     mark is gone (after fsync), reads still come from the lower file."""
     assert node.parent is not None
@@ -252,10 +247,10 @@ async def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
             if truncate:
                 os.ftruncate(dst, 0)
             else:
-                await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
+                ov.unlocked(copy_data, src, dst, st.st_size)
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             if not ov.volatile:
-                await trio.to_thread.run_sync(os.fsync, dst)
+                ov.unlocked(os.fsync, dst)
             os.removexattr(dst, private_xattr_name(ov.euid, "metacopy"))
             if node.redirect is not None:
                 # The kernel's redirect of a metacopy file has served its purpose.

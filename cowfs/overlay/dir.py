@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .copy_up import copy_up, ensure_upper_dir, link_up, replace_with
 from .file import Handle, attach
+from .inode import upper_dir_fd, upper_ref
 from .inodes import Node
 from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_at,
                      lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
@@ -159,26 +160,63 @@ def symlink(ov: Overlay, parent: Node, name: bytes, target: bytes, uid: int, gid
     return _new_node(ov, parent, name)
 
 
-async def link(ov: Overlay, node: Node, new_parent: Node, new_name: bytes) -> Node:
+def link(ov: Overlay, node: Node, new_parent: Node, new_name: bytes) -> Node:
     if node.is_dir:
         raise OSError(errno.EPERM, "hard link to a directory")
     ov.check_writable()
     check_name(new_name)
     if lookup(ov, new_parent, new_name) is not None:
         raise OSError(errno.EEXIST, "exists")
-    await copy_up(ov, node, data=True)
+    copy_up(ov, node, data=True)
     ensure_upper_dir(ov, new_parent)
     ufd = ov.table.dir_fd(new_parent, 0)
     assert node.parent is not None
-    src_fd, src_name = ov.table.dir_fd(node.parent, 0), node.name
+    src_fd, src_name = upper_ref(ov, node)
+    orphan = node.orphan
 
     def make(dfd: int, n: bytes) -> None:
-        os.link(src_name, n, src_dir_fd=src_fd, dst_dir_fd=dfd, follow_symlinks=False)
+        if orphan is not None:
+            # An O_TMPFILE file (linkat of /proc/self/fd/N): its one real
+            # name moves from work/ to where it is linked.
+            os.rename(orphan, n, src_dir_fd=ov.work_fd, dst_dir_fd=dfd)
+        else:
+            os.link(src_name, n, src_dir_fd=src_fd, dst_dir_fd=dfd, follow_symlinks=False)
 
     _place(ov, ufd, new_name, _whited_out(ov, ufd, new_name), make)
-    _add_link(node, new_parent, new_name)
+    if orphan is not None:
+        node.orphan = None
+        node.parent, node.name = new_parent, new_name
+    else:
+        _add_link(node, new_parent, new_name)
     node.unlinked = False
+    node.attr = None
     return node
+
+
+def tmpfile(ov: Overlay, parent: Node, mode: int, uid: int, gid: int) -> tuple[Handle, Node]:
+    """O_TMPFILE: an unnamed file made in the upper copy of parent (so it gets
+    the directory's group and default ACL), kept as an orphan in work/ until
+    it is linked in or closed."""
+    ov.check_writable()
+    ensure_upper_dir(ov, parent)
+    owner = _owner(ov, parent, uid, gid)
+    fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, stat.S_IMODE(mode),
+                 dir_fd=upper_dir_fd(ov, parent))
+    try:
+        os.fchown(fd, *owner)
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            os.fchmod(fd, stat.S_IMODE(mode))
+        tmp = ov.tmp_name()
+        os.link(b"/proc/self/fd/%d" % fd, tmp, dst_dir_fd=ov.work_fd)
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    node = Node(ov.numbers.number(st), parent, b"", st.st_mode, 0, None)
+    node.unlinked = True
+    node.orphan = tmp
+    ov.table.add(node)
+    return attach(node, fd), node
 
 
 def _link_whiteout(ov: Overlay, dfd: int, name: bytes) -> None:
@@ -252,7 +290,7 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
     ufd = ov.table.dir_fd(parent, 0)
     in_lower = lower_entry(ov, parent, name) is not None
     st = _upper_entry(ufd, name)
-    if _keep_as_orphan(node, st):
+    if _keep_as_orphan(ov, node, st):
         _orphan(ov, node, ufd, name, in_lower)
     elif st is not None:
         _forget_upper(ov, st)
@@ -275,10 +313,10 @@ def _upper_entry(ufd: int, name: bytes) -> os.stat_result | None:
     return None if st is None or is_whiteout_stat(st) else st
 
 
-def _keep_as_orphan(node: Node, st: os.stat_result | None) -> bool:
+def _keep_as_orphan(ov: Overlay, node: Node, st: os.stat_result | None) -> bool:
     """Is st the last name of an upper file the kernel still holds (open, or
     about to be opened through a dentry looked up before the delete)?"""
-    if node.lookups <= 0 or node.is_dir or node.links or node.layer != 0:
+    if node.is_dir or node.links or node.layer != 0 or not ov.is_held(node):
         return False
     return st is not None and st.st_nlink == 1
 
@@ -365,7 +403,7 @@ def _set_opaque(ov: Overlay, node: Node) -> None:
                 follow_symlinks=False)
 
 
-async def _prepare_moved_dir(ov: Overlay, node: Node, dest_parent: Node,
+def _prepare_moved_dir(ov: Overlay, node: Node, dest_parent: Node,
                              moves: bool, same_parent: bool) -> None:
     """Copy a directory up before it moves; keep its lower contents reachable
     (redirect), or, for a directory with none, keep whatever the lower layers of
@@ -374,14 +412,14 @@ async def _prepare_moved_dir(ov: Overlay, node: Node, dest_parent: Node,
     has_lower = any(k != 0 for k in node.layers)
     if has_lower and moves and not ov.redirect_dir:
         raise OSError(errno.EXDEV, "renaming a lower directory needs redirect_dir=on")
-    await copy_up(ov, node)
+    copy_up(ov, node)
     if has_lower and moves:
         _set_redirect(ov, node, same_parent)
     elif not has_lower and any(k != 0 for k in dest_parent.layers):
         _set_opaque(ov, node)
 
 
-async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
+def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
                  new_name: bytes, flags: int) -> None:
     ov.check_writable()
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
@@ -410,15 +448,15 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
     src_lower = lower_entry(ov, old_parent, old_name) is not None
     dst_lower = lower_entry(ov, new_parent, new_name) is not None
     if src.is_dir:
-        await _prepare_moved_dir(ov, src, new_parent, moves, old_parent is new_parent)
+        _prepare_moved_dir(ov, src, new_parent, moves, old_parent is new_parent)
     else:
-        await copy_up(ov, src)
+        copy_up(ov, src)
         link_up(ov, src, old_parent, old_name)
     if exchange and dst is not None:
         if dst.is_dir:
-            await _prepare_moved_dir(ov, dst, old_parent, moves, old_parent is new_parent)
+            _prepare_moved_dir(ov, dst, old_parent, moves, old_parent is new_parent)
         else:
-            await copy_up(ov, dst)
+            copy_up(ov, dst)
             link_up(ov, dst, new_parent, new_name)
     ensure_upper_dir(ov, old_parent)
     ensure_upper_dir(ov, new_parent)
@@ -430,7 +468,7 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
         _moved(dst, new_parent, new_name, old_parent, old_name)
     else:
         dst_st = _upper_entry(nfd, new_name)
-        if dst is not None and _keep_as_orphan(dst, dst_st):
+        if dst is not None and _keep_as_orphan(ov, dst, dst_st):
             _orphan(ov, dst, nfd, new_name, dst_lower)
         else:
             _forget_upper(ov, dst_st)

@@ -38,12 +38,12 @@ def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False) -> i
     return open_lower_data(ov, node)
 
 
-async def open_file(ov: Overlay, node: Node, flags: int) -> Handle:
+def open_file(ov: Overlay, node: Node, flags: int) -> Handle:
     if node.is_dir:
         raise OSError(errno.EISDIR, "is a directory")
     writable = bool(flags & WRITE_FLAGS)
     if writable:
-        await copy_up(ov, node, data=True, truncate=bool(flags & os.O_TRUNC))
+        copy_up(ov, node, data=True, truncate=bool(flags & os.O_TRUNC))
     return Handle(node, open_real(ov, node, writable, bool(flags & os.O_TRUNC)), writable)
 
 
@@ -56,8 +56,11 @@ def refresh(ov: Overlay, h: Handle) -> None:
     """Re-resolve a handle opened before its file was copied up (POSIX: readers
     see what writers wrote, whichever layer they opened)."""
     fd = open_real(ov, h.node, h.writable)
-    os.close(h.fd)
-    h.fd, h.gen = fd, h.node.gen
+    # The same fd number now names the new file: a read running unlocked on
+    # the old one finishes there, and nothing else can get that number.
+    os.dup2(fd, h.fd, inheritable=False)
+    os.close(fd)
+    h.gen = h.node.gen
 
 
 def read(ov: Overlay, h: Handle, off: int, size: int) -> bytes:

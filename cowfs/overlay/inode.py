@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from typing import TYPE_CHECKING
@@ -45,19 +46,22 @@ def getattr_(ov: Overlay, node: Node) -> os.stat_result:
     return lstat_at(dir_fd, name)
 
 
-async def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,
+def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,
                    uid: int | None = None, gid: int | None = None, size: int | None = None,
                    atime_ns: int | None = None, mtime_ns: int | None = None,
                    fd: int | None = None) -> os.stat_result:
     ov.check_writable()
-    if (mode is None and uid is None and gid is None and size is None
-            and atime_ns is None and mtime_ns is None) or (node.unlinked and node.layer != 0):
-        # ctime alone, or a deleted lower file still open: nowhere to keep it.
+    if node.unlinked and node.layer != 0:
+        # A deleted lower file still open: nowhere to keep a change.
         return getattr_(ov, node)
     if size is not None and node.is_dir:
         raise OSError(errno.EISDIR, "is a directory")
-    await copy_up(ov, node, data=size is not None)
+    copy_up(ov, node, data=size is not None)
     dir_fd, name = upper_ref(ov, node)
+    if (mode is None and uid is None and gid is None and size is None
+            and atime_ns is None and mtime_ns is None):
+        # A change of nothing (chown(f, -1, -1)) still marks the inode changed.
+        os.chown(name, -1, -1, dir_fd=dir_fd, follow_symlinks=False)
     if size is not None:
         if fd is not None:
             os.ftruncate(fd, size)
@@ -83,3 +87,58 @@ def _complete_times(cur: os.stat_result, atime_ns: int | None,
     """UTIME_OMIT for one of the two: keep its current value."""
     return (cur.st_atime_ns if atime_ns is None else atime_ns,
             cur.st_mtime_ns if mtime_ns is None else mtime_ns)
+
+
+def readlink(ov: Overlay, node: Node) -> bytes:
+    if node.layer == 0:
+        dfd, name = upper_ref(ov, node)
+    else:
+        assert node.parent is not None
+        dfd, name = ov.table.dir_fd(node.parent, node.layer), node.name
+    return os.readlink(name, dir_fd=dfd)
+
+
+def upper_dir_fd(ov: Overlay, node: Node) -> int:
+    """The fd of an upper directory (cached by the inode table)."""
+    if node.parent is None:
+        return ov.layers[0].fd  # type: ignore[union-attr]
+    return ov.table.dir_fd(node, 0)
+
+
+# lsattr/chattr (and the VFS's fileattr calls behind them) on the real entry.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+ATTR_IOCTLS = {FS_IOC_GETFLAGS: False, FS_IOC_SETFLAGS: True,
+               FS_IOC_FSGETXATTR: False, FS_IOC_FSSETXATTR: True}
+
+
+def _flags_fd(ov: Overlay, node: Node) -> int:
+    """An fd on the entry holding node's metadata, for the flags ioctls."""
+    if node.is_dir:
+        if node.parent is None:
+            return os.dup(ov.layers[node.layer].fd)  # type: ignore[union-attr]
+        return os.dup(ov.table.dir_fd(node, node.layer))
+    if node.layer == 0:
+        return open_file_at(*upper_ref(ov, node), os.O_RDONLY | os.O_NONBLOCK)
+    assert node.parent is not None
+    return open_file_at(ov.table.dir_fd(node.parent, node.layer), node.name,
+                        os.O_RDONLY | os.O_NONBLOCK)
+
+
+def attr_ioctl(ov: Overlay, node: Node, cmd: int, data: bytes, out_size: int) -> bytes:
+    """One of ATTR_IOCTLS on the entry that holds node; a change copies the
+    entry up first (metadata only), as overlayfs does."""
+    if not (node.is_dir or stat.S_ISREG(node.mode)):
+        raise OSError(errno.ENOTTY, "no inode flags on this file type")
+    if ATTR_IOCTLS[cmd]:
+        ov.check_writable()
+        copy_up(ov, node, data=False)
+    fd = _flags_fd(ov, node)
+    try:
+        buf = bytearray(data.ljust(max(out_size, 32), b"\0"))
+        fcntl.ioctl(fd, cmd, buf, True)
+    finally:
+        os.close(fd)
+    return bytes(buf[:out_size])

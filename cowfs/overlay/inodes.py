@@ -1,4 +1,5 @@
-"""Overlay inodes: one Node per file the kernel knows, with lookup/forget counts.
+"""Overlay inodes: one Node per file in use (the server tells which ones it
+still holds: Overlay.is_held).
 
 A Node's number is the FUSE node id and the st_ino programs see.  It is derived
 from the real inode it first came from (see InodeNumbers), so it is stable for the
@@ -22,7 +23,7 @@ _NO_FDS: dict[int, int] = {}
 
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
-                 "redirect", "fds", "index", "lookups", "gen", "metacopy",
+                 "redirect", "fds", "index", "gen", "metacopy",
                  "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
@@ -38,7 +39,6 @@ class Node:
         # directories: open fd per layer (cached); files share one empty dict
         self.fds: dict[int, int] = {} if stat.S_ISDIR(mode) else _NO_FDS
         self.index: dict[bytes, list | None] | None = None  # merged lower entries
-        self.lookups = 0
         self.gen = 0                    # bumped on copy-up: handles re-resolve
         self.metacopy = False           # upper holds metadata only, data is lower
         self.unlinked = False
@@ -117,18 +117,17 @@ class InodeTable:
     def add(self, node: Node) -> None:
         self.nodes[node.ino] = node
 
-    def forget(self, ino: int, count: int) -> None:
-        node = self.nodes.get(ino)
-        if node is None:
+    def drop(self, node: Node) -> None:
+        """Nobody holds node any more: forget it, and delete it if it is an orphan."""
+        if node.ino == ROOT_INO or self.nodes.get(node.ino) is not node:
             return
-        node.lookups -= count
-        if node.lookups <= 0 and ino != ROOT_INO:
-            del self.nodes[ino]
-            self.close_fds(node)
-            if node.orphan is not None:
-                self.ov.numbers.forget(os.stat(node.orphan, dir_fd=self.ov.work_fd,
-                                               follow_symlinks=False))
-                os.unlink(node.orphan, dir_fd=self.ov.work_fd)
+        del self.nodes[node.ino]
+        self.close_fds(node)
+        if node.orphan is not None:
+            self.ov.numbers.forget(os.stat(node.orphan, dir_fd=self.ov.work_fd,
+                                           follow_symlinks=False))
+            os.unlink(node.orphan, dir_fd=self.ov.work_fd)
+            node.orphan = None
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The fd of node's directory in one layer, opened without following links."""

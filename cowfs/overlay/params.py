@@ -24,7 +24,7 @@ ACCEPTED = KERNEL_FLAGS | {"rw", "ro", "volatile", "auto", "noauto", "user", "no
                            "index=off", "index=on", "squash_to_root", "squash_to_uid", "squash_to_gid", "debug"}
 VALUED_IGNORED = ("context", "fscontext", "defcontext", "rootcontext", "uidmapping",
                   "gidmapping", "timeout", "threaded", "fsync", "plugins",
-                  "fast_ino", "noacl", "x-")
+                  "fast_ino", "x-")
 
 
 @dataclass
@@ -39,6 +39,10 @@ class MountConfig:
     debug: bool = False
     metacopy: bool = True       # chmod/chown/xattr of a lower file copy metadata only
     redirect_dir: bool = True   # renaming a lower directory records a redirect
+    passthrough: bool = True    # the kernel reads and writes real files itself (root)
+    acl: bool = True            # POSIX ACLs enforced by the kernel, kept on copy-up
+    fsname: str = "cowfs"       # the source /proc/mounts shows
+    log_file: str | None = None
 
     @property
     def layer_paths(self) -> list[str]:
@@ -78,6 +82,12 @@ def parse_mount_options(opts: list[str], mountpoint: str) -> MountConfig:
             cfg.metacopy = value == "on"
         elif item in ("redirect_dir=on", "redirect_dir=off", "redirect_dir=follow"):
             cfg.redirect_dir = value == "on"
+        elif item in ("passthrough=on", "passthrough=off"):
+            cfg.passthrough = value == "on"
+        elif key in ("acl", "noacl"):
+            cfg.acl = key == "acl"
+        elif key == "fsname" and value:
+            cfg.fsname = value
         elif key in KERNEL_FLAGS:
             cfg.kernel_flags.add(key)
         elif item in ACCEPTED or key in ACCEPTED or key.startswith(VALUED_IGNORED):

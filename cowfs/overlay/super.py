@@ -6,19 +6,23 @@ inode_attrs, file, xattrs.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import resource
 import shutil
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-import trio
 
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
 from .layers import DIR_FLAGS, Layer
 from .params import MountConfig
 
 WORK_SUBDIR = "work"
+T = TypeVar("T")
 
 
 class Overlay:
@@ -46,14 +50,20 @@ class Overlay:
         self.table = InodeTable(self, max(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
         self.work_fd = self._open_work() if self.upper else -1
         self._tmp_seq = itertools.count()
-        self._copy_locks: dict[int, trio.Lock] = {}
+        # The core runs one operation at a time under this lock; long blocking
+        # work (copying data, fsync) runs unlocked(), so other requests go on.
+        self.lock = threading.Lock()
+        self._copy_done = threading.Condition(self.lock)
+        self._copying: set[int] = set()
         top = 0 if self.upper else 1
         root_st = os.fstat(self.layers[top].fd)
         self.root = Node(ROOT_INO, None, b"", root_st.st_mode, top, None,
                          tuple(i for i, layer in enumerate(self.layers) if layer))
-        self.root.lookups = 1
         self.numbers.keep(root_st, ROOT_INO)
         self.table.add(self.root)
+        # Does whoever serves the overlay still hold node (the kernel's lookup
+        # count)?  A deleted file it holds lives on as an orphan in work/.
+        self.is_held: Callable[[Node], bool] = lambda node: False
 
     def _open_work(self) -> int:
         """workdir/work, emptied: leftovers of an interrupted copy-up never show."""
@@ -71,16 +81,25 @@ class Overlay:
         if self.read_only:
             raise OSError(errno.EROFS, "read-only overlay")
 
-    def copy_lock(self, node: Node) -> trio.Lock:
-        lock = self._copy_locks.get(node.ino)
-        if lock is None:
-            lock = self._copy_locks[node.ino] = trio.Lock()
-        return lock
+    def unlocked(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work without the core lock (the caller holds it)."""
+        self.lock.release()
+        try:
+            return fn(*args)
+        finally:
+            self.lock.acquire()
 
-    def release_copy_lock(self, node: Node) -> None:
-        lock = self._copy_locks.get(node.ino)
-        if lock is not None and not lock.locked() and not lock.statistics().tasks_waiting:
-            del self._copy_locks[node.ino]
+    @contextlib.contextmanager
+    def copying(self, node: Node) -> Iterator[None]:
+        """One copy-up per inode: later writers wait for the first one's result."""
+        while node.ino in self._copying:
+            self._copy_done.wait()
+        self._copying.add(node.ino)
+        try:
+            yield
+        finally:
+            self._copying.discard(node.ino)
+            self._copy_done.notify_all()
 
     def close(self) -> None:
         self.table.close_all()

@@ -45,23 +45,29 @@ def getxattr(ov: Overlay, node: Node, name: str) -> bytes:
         raise
 
 
-def listxattr(ov: Overlay, node: Node) -> list[str]:
-    return [n for n in os.listxattr(_path(ov, node), follow_symlinks=False)
-            if not is_private_xattr(n)]
+def listxattr(ov: Overlay, node: Node, uid: int = 0) -> list[str]:
+    """The names a caller may see: trusted.* only for root (as the kernel)."""
+    names = [n for n in os.listxattr(_path(ov, node), follow_symlinks=False)
+             if not is_private_xattr(n)]
+    if uid != 0:
+        names = [n for n in names if not n.startswith("trusted.")]
+    return names
 
 
-async def setxattr(ov: Overlay, node: Node, name: str, value: bytes) -> None:
+def setxattr(ov: Overlay, node: Node, name: str, value: bytes, flags: int = 0) -> None:
     ov.check_writable()
     _refuse_private(name)
-    await copy_up(ov, node, data=False)
-    os.setxattr(_path(ov, node), name, value, follow_symlinks=False)
+    if flags & os.XATTR_REPLACE:
+        getxattr(ov, node, name)        # ENODATA before anything is copied up
+    copy_up(ov, node, data=False)
+    os.setxattr(_path(ov, node), name, value, flags, follow_symlinks=False)
     node.no_caps = False
 
 
-async def removexattr(ov: Overlay, node: Node, name: str) -> None:
+def removexattr(ov: Overlay, node: Node, name: str) -> None:
     ov.check_writable()
     _refuse_private(name)
     # Nothing to copy up for an xattr that is not there.
     getxattr(ov, node, name)
-    await copy_up(ov, node, data=False)
+    copy_up(ov, node, data=False)
     os.removexattr(_path(ov, node), name, follow_symlinks=False)
