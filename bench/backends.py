@@ -5,12 +5,14 @@ from our own mountpoint are ever signalled.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,20 @@ class Mounted:
     path: Path
     pids: list[int] = field(default_factory=list)
     hung: bool = False
+    mount_s: float = 0.0    # from starting the mount command until the mount answers
+
+
+def _answers(path: Path, timeout: float) -> bool:
+    """stat(path) returns within timeout (in a thread: a stuck FUSE mount must not hang
+    us; the thread comes free once the daemon is killed)."""
+    done = threading.Event()
+
+    def probe() -> None:
+        with contextlib.suppress(OSError):
+            os.stat(path)
+        done.set()
+    threading.Thread(target=probe, daemon=True).start()
+    return done.wait(timeout)
 
 
 def overlay_opts(lowers: list[Path], upper: Path, work: Path) -> str:
@@ -164,8 +180,10 @@ class Backend:
     def command(self, lowers: list[Path], upper: Path, work: Path) -> list[str]:
         raise NotImplementedError
 
-    def mount(self, lowers: list[Path], before=None) -> Mounted:
-        """before(upper) runs on the fresh upper directory just before mounting."""
+    def mount(self, lowers: list[Path], before=None, probe: str | None = None) -> Mounted:
+        """before(upper) runs on the fresh upper directory just before mounting.  The
+        mount counts as live once stat(mnt/probe) answers (a FUSE daemon may return
+        before it has answered the kernel's INIT)."""
         if is_mountpoint(self.mnt):
             raise MountError(f"{self.mnt} is still mounted from an earlier step")
         upper, work = self._fresh_dirs()
@@ -175,6 +193,7 @@ class Backend:
         # Output to a file, not a pipe: a daemon that keeps the pipe open must not
         # make us wait for it.  Only the mount command itself is waited for.
         with tempfile.TemporaryFile("w+") as log:
+            t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                     cwd=REPO)
             try:
@@ -197,7 +216,16 @@ class Backend:
             tail = " | ".join(err[-3:]) if err else "(no output)"
             what = f"exit {rc}" if rc else "exit 0 but not mounted"
             raise MountError(f"{what}: {tail}")
-        return Mounted(self.name, self.mnt, daemon_pids(self.mnt) if self.fuse else [])
+        live = _answers(self.mnt / (probe or ""), self.mount_timeout)
+        took = time.perf_counter() - t0
+        m = Mounted(self.name, self.mnt, daemon_pids(self.mnt) if self.fuse else [],
+                    mount_s=took)
+        if not live:
+            m.hung = True
+            self.unmount(m)
+            raise MountTimeout(f"the mount did not answer a stat within "
+                               f"{self.mount_timeout:.0f}s")
+        return m
 
     def unmount(self, m: Mounted) -> None:
         unmount(m.path, m.pids, hung=m.hung)
@@ -209,7 +237,7 @@ class Plain(Backend):
     """No mount at all: the union of the layers as one ordinary directory."""
     name = "plain"
 
-    def mount(self, lowers: list[Path], before=None) -> Mounted:   # built by the runner
+    def mount(self, lowers: list[Path], before=None, probe=None) -> Mounted:  # by the runner
         raise NotImplementedError
 
     def unmount(self, m: Mounted) -> None:

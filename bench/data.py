@@ -4,6 +4,8 @@ Layout under ROOT (all of it scratch, removed at the end unless --keep-data):
   pool/f_small, pool/f_large        the big lower files (hard-linked into the layers)
   pool/plain_small, pool/plain_large private copies the plain backend may write to
   pool/src.tar                      the source-like tree for the job workload
+  pool/rootfs-example/              --quick: a copy of /etc standing in for a rootfs
+  (full run: the debootstrapped rootfs under /tmp/bench-helper/rootfs/, kept across runs)
   L<N>/<i>/                         layer i of the N-layer set (0 = top)
   manifest/L<N>-<sub>.txt           the paths a workload walks, one a line
   stamps/                           what has been generated already (with --keep-data)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sqlite3
 import json
 import os
 import random
@@ -24,11 +27,12 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from config import Config
+from config import ROOTFS_CACHE, Config
 
 SUBDIRS_BY_WORKLOAD = {
     "read": ["big"], "copyup": ["big"], "stat": ["stat"], "find": ["find"], "ls": ["ls"],
-    "lookup": ["lk"], "small": ["del"], "job": ["src"], "memory": ["mem"],
+    "lookup": ["lk"], "small": ["del"], "job": ["src"], "memory": ["mem"], "cpu": ["cpu"],
+    "mount": ["lk"], "git": ["git"], "sqlite": ["sq"], "rootfs": ["rootfs"],
 }
 
 
@@ -56,6 +60,8 @@ class Data:
                           "f_large": self.pool / "plain_large"}
         self.src_tar = self.pool / "src.tar"
         self._src_files: list[tuple[str, bytes]] | None = None
+        self.rootfs: Path | None = None
+        self.apt_unavailable: str | None = "the rootfs was not prepared"
 
     def layerset(self, n: int) -> LayerSet:
         return LayerSet(self.root, n)
@@ -87,9 +93,12 @@ class Data:
         if any("src" in subs for subs in needs.values()):
             self._note(progress, "source tarball")
             self._make_src_tar()
+        if any("rootfs" in subs for subs in needs.values()):
+            self._note(progress, "rootfs")
+            self._make_rootfs()
         for n, subs in sorted(needs.items()):
             ls = self.layerset(n)
-            for sub in sorted(subs):
+            for sub in sorted(subs - {"rootfs"}):
                 params = {"n": n, "sub": sub, "cfg": self._params(sub), "v": 2}
                 name = f"L{n}-{sub}"
                 if self._done(name, params):
@@ -114,7 +123,8 @@ class Data:
         c = self.cfg
         sizes = {"big": [c.big_small, c.big_large], "stat": c.stat_files,
                  "find": c.find_entries, "ls": c.bigdir, "lk": c.lookup_names,
-                 "del": c.delete_files, "src": c.job_files, "mem": c.mem_entries}
+                 "del": c.delete_files, "src": c.job_files, "mem": c.mem_entries,
+                 "cpu": c.cpu_files, "git": c.git_files, "sq": 1}
         return {"size": sizes[sub], "seed": c.seed}
 
     def _rng(self, *salt) -> random.Random:
@@ -241,17 +251,102 @@ class Data:
         rel = [f"p{d // 32:02d}/d{d:04d}/e{j:02d}" for d in range(ndirs) for j in range(per)]
         self._spread(ls, "mem", rel)
 
+    def _gen_cpu(self, ls: LayerSet) -> None:
+        d = ls.bottom / "cpu"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(self.cfg.cpu_files):
+            (d / f"f{i:05d}").write_bytes(b"c" * 64)
+        for layer in ls.layers:   # a merged directory, as in the issue's measurement
+            (layer / "cpu").mkdir(parents=True, exist_ok=True)
+
+    def _gen_git(self, ls: LayerSet) -> None:
+        files = dict(self.src_files(self.cfg.git_files, "git"))
+        self._spread(ls, "git", list(files), content=lambda rel: files[rel])
+
+    def _gen_sq(self, ls: LayerSet) -> None:
+        """A small database in the bottom layer: the first transaction copies it up."""
+        d = ls.bottom / "sq"
+        d.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(d / "bench.db")
+        try:
+            db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+            db.executemany("INSERT INTO t (body) VALUES (?)", [("seed" * 25,)] * 100)
+            db.commit()
+        finally:
+            db.close()
+
+    # -- the rootfs scenarios -----------------------------------------------------------
+    def _make_rootfs(self) -> None:
+        """The full run debootstraps a minbase bookworm once (kept in ROOTFS_CACHE) and
+        downloads the apt-get scenario's packages into its apt cache, so the timed
+        install is offline.  --quick (or no mirror) stands in a copy of /etc."""
+        if self.cfg.rootfs == "debootstrap":
+            why = self._debootstrap()
+            if why is None:
+                return
+            self.apt_unavailable = why
+        else:
+            self.apt_unavailable = "not in a --quick run (needs the debootstrapped rootfs)"
+        ex = self.pool / "rootfs-example"
+        if not (ex / "etc").is_dir():
+            ex.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-a", "/etc", str(ex / "etc")], check=True)
+        self.rootfs = ex
+
+    def _debootstrap(self) -> str | None:
+        cache = Path(ROOTFS_CACHE)
+        rootfs, tmp = cache / "bookworm", cache / "bookworm.tmp"
+        if not (rootfs / "usr/bin/apt-get").exists():
+            if shutil.which("debootstrap") is None:
+                return "debootstrap is not installed"
+            subprocess.run(["rm", "-rf", str(tmp)], check=True)
+            cache.mkdir(parents=True, exist_ok=True)
+            try:
+                res = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(tmp),
+                                      "http://deb.debian.org/debian"], capture_output=True,
+                                     text=True, timeout=1200)
+            except subprocess.TimeoutExpired:
+                return "debootstrap did not finish within 20 min"
+            if res.returncode != 0:
+                tail = " | ".join(res.stdout.strip().splitlines()[-2:])
+                return f"debootstrap failed (is deb.debian.org reachable?): {tail}"
+            tmp.rename(rootfs)
+        self.rootfs = rootfs
+        pkg = self.cfg.apt_package
+        archives = rootfs / "var/cache/apt/archives"
+        if not list(archives.glob(f"{pkg}_*.deb")):
+            res = subprocess.run(["chroot", str(rootfs), "apt-get", "install", "-y", "-q",
+                                  "--download-only", pkg], capture_output=True, text=True,
+                                 timeout=600, env={**os.environ,
+                                                   "DEBIAN_FRONTEND": "noninteractive"})
+            if res.returncode != 0:
+                self.apt_unavailable = (f"cannot download {pkg} into the rootfs: "
+                                        f"{res.stderr.strip()[-200:]}")
+                return None
+        self.apt_unavailable = None
+        return None
+
+    def build_plain_rootfs(self, dest: Path) -> None:
+        """The plain reference for ls -lR: hard links to the rootfs (read only)."""
+        if dest.exists():
+            subprocess.run(["rm", "-rf", str(dest)], check=True)
+        subprocess.run(["cp", "-al", str(self.rootfs), str(dest)], check=True)
+
     # -- the source-like tree -------------------------------------------------------
-    def src_files(self) -> list[tuple[str, bytes]]:
+    def src_files(self, count: int | None = None, salt: str = "src") -> list[tuple[str, bytes]]:
         """A deterministic tree that looks like a C/Python project."""
-        if self._src_files is not None:
-            return self._src_files
-        rng = self._rng("src")
+        if count is not None:
+            return self._source_tree(count, salt)
+        if self._src_files is None:
+            self._src_files = self._source_tree(self.cfg.job_files, salt)
+        return self._src_files
+
+    def _source_tree(self, n: int, salt: str) -> list[tuple[str, bytes]]:
+        rng = self._rng(salt)
         words = ("int", "return", "static", "struct", "if", "else", "for", "while", "self",
                  "def", "import", "buffer", "length", "node", "value", "error", "const",
                  "char", "void", "size_t", "result", "layer", "inode", "entry", "path")
         files = []
-        n = self.cfg.job_files
         pkgs = [f"pkg{i:02d}" for i in range(max(2, n // 150))]
         for i in range(n):
             pkg = rng.choice(pkgs)
@@ -266,7 +361,6 @@ class Data:
                 out.append(line)
                 total += len(line)
             files.append((rel, "".join(out).encode()))
-        self._src_files = files
         return files
 
     def _make_src_tar(self) -> None:
@@ -312,13 +406,21 @@ class Data:
                     os.link(src, dest / "big" / name)
                 continue
             (dest / sub).mkdir()
+            # Hard links, except where the workload writes files in place (sqlite).
+            cp = "-a" if sub == "sq" else "-al"
             for layer in reversed(ls.layers):
                 if (layer / sub).is_dir():
-                    subprocess.run(["cp", "-al", f"{layer / sub}/.", f"{dest / sub}/"],
+                    subprocess.run(["cp", cp, f"{layer / sub}/.", f"{dest / sub}/"],
                                    check=True)
 
-    def prewarm(self, n: int, subdirs: list[str]) -> None:
+    def prewarm(self, n: int, subdirs: list[str], lowers: list[Path] | None = None) -> None:
         """Walk the layers so every backend starts from the same warm lower caches."""
+        if lowers is not None:
+            for layer in lowers:
+                for dirpath, dirnames, filenames in os.walk(layer):
+                    for name in filenames:
+                        os.lstat(os.path.join(dirpath, name))
+            return
         ls = self.layerset(n)
         for layer in ls.layers:
             for sub in subdirs:

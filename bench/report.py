@@ -12,7 +12,8 @@ import json
 import statistics
 from pathlib import Path
 
-from config import BACKENDS, METRICS, Config, Metric
+from config import (BACKENDS, METRIC_BY_KEY, METRICS, NOT_MEASURED, TARGETS, Config, Metric,
+                    Target)
 
 CLIP = (0.02, 500.0)   # chart x range for the ratio bars
 RATIOS = [("cowfs", "kernel"), ("cowfs", "fuse-overlayfs"), ("fuse-overlayfs", "kernel")]
@@ -21,6 +22,12 @@ SHORT = {"plain": "plain", "kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "co
 
 def _cost(m: Metric, v: float) -> float:
     return 1.0 / v if m.better == "higher" else v
+
+
+def cost_ratios(m: Metric, va: list, vr: list) -> list[float]:
+    """Per-run cost ratios a/ref, skipping runs where either failed."""
+    return [_cost(m, x) / _cost(m, y) for x, y in zip(va, vr)
+            if x is not None and y is not None and x > 0 and y > 0]
 
 
 def summarize(cfg: Config, raw: dict, backends: list[str]) -> list[dict]:
@@ -41,9 +48,7 @@ def summarize(cfg: Config, raw: dict, backends: list[str]) -> list[dict]:
                     row["spread"][b] = (max(good) - min(good)) / med if med and len(good) > 1 \
                         else 0.0
             for a, ref in RATIOS:
-                va, vr = per.get(a, []), per.get(ref, [])
-                runs = [_cost(m, x) / _cost(m, y) for x, y in zip(va, vr)
-                        if x is not None and y is not None and x > 0 and y > 0]
+                runs = cost_ratios(m, per.get(a, []), per.get(ref, []))
                 if runs:
                     row["ratios"][f"{a}/{ref}"] = {"median": statistics.median(runs),
                                                    "per_run": runs}
@@ -52,6 +57,7 @@ def summarize(cfg: Config, raw: dict, backends: list[str]) -> list[dict]:
 
 
 SUMMARY_GROUPS = [   # (title, metric keys)
+    ("0. daemon CPU per request", ["cpu_lookup_enoent", "cpu_getattr", "cpu_open"]),
     ("1-2. sequential read: first, again, cold", ["read_first", "read_hot", "read_cold"]),
     ("3. lstat of many files, first and warm", ["stat_first", "stat_warm"]),
     ("4. find, first and warm", ["find_first", "find_warm"]),
@@ -63,7 +69,102 @@ SUMMARY_GROUPS = [   # (title, metric keys)
     ("8. small files, whiteouts", ["small_create", "small_unlink", "delete_lower"]),
     ("9. untar / du / tar job", ["job_untar", "job_du", "job_tar", "job_total"]),
     ("10. daemon RSS", ["rss_idle", "rss_walk", "rss_forget"]),
+    ("11. mount latency", ["mount_latency"]),
+    ("12. scenarios: git, sqlite, ls -lR, apt-get",
+     ["git_commit", "sqlite_txns", "rootfs_ls_lR", "rootfs_apt"]),
 ]
+
+
+# -- issue #9's targets ---------------------------------------------------------------
+def _target_figure(t: Target, row: dict, cfg: Config) -> tuple[float | None, float, str]:
+    """(figure, limit, how it reads) for one target on one row; figure None = not measured."""
+    m = METRIC_BY_KEY[t.metric]
+    limit = t.limit * (getattr(cfg, t.per) / (1 << 20) if t.per else 1.0)
+    if t.form == "abs<=":
+        return row["median"].get("cowfs"), limit, f"<= {fmt_value(limit, m.unit)} {m.unit}"
+    runs = cost_ratios(m, row["values"].get("cowfs", []), row["values"].get(t.ref, []))
+    if not runs:
+        return None, limit, ""
+    cost = statistics.median(runs)
+    if t.form == "cost<=":
+        return cost, limit, f"<= {t.limit:g}x"
+    return 1.0 / cost, limit, f">= {t.limit:g}x"     # speed>= and faster>=
+
+
+def targets(rows: list[dict], cfg: Config) -> list[dict]:
+    """Each #9 target against this run's figures: one entry per (target, layer count)."""
+    out = []
+    for t in TARGETS:
+        mrows = [r for r in rows if r["metric"] == t.metric]
+        if t.layers == "max" and mrows:
+            mrows = [max(mrows, key=lambda r: r["layers"])]
+        if not mrows:
+            out.append({"target": t.label, "metric": t.metric, "layers": None,
+                        "figure": None, "goal": "", "met": None, "values": {},
+                        "ratios": {}, "unit": METRIC_BY_KEY[t.metric].unit})
+        for r in mrows:
+            fig, limit, goal = _target_figure(t, r, cfg)
+            met = None if fig is None else (fig <= limit if t.form.endswith("<=")
+                                            else fig >= limit)
+            out.append({"target": t.label, "metric": t.metric, "layers": r["layers"],
+                        "figure": fig, "goal": goal, "met": met, "unit": r["unit"],
+                        "form": t.form, "ref": t.ref, "values": dict(r["median"]),
+                        "ratios": {k: v["median"] for k, v in r["ratios"].items()}})
+    return out
+
+
+TARGET_HEAD = ["#9 target", "L", "unit", "cowfs", "fuse-ovl", "kernel", "plain",
+               "cowfs/fuse-ovl", "cowfs/kernel", "figure", "target", "met?"]
+
+
+def target_rows(tg: list[dict]) -> list[list[str]]:
+    out = []
+    for e in tg:
+        v, rat, unit = e["values"], e["ratios"], e["unit"]
+        fig = e["figure"]
+        if fig is None:
+            figure = "-"
+        elif e.get("form") == "abs<=":
+            figure = fmt_value(fig, unit) + f" {unit}"
+        else:
+            figure = fmt_x(fig)
+        met = "not measured" if e["met"] is None else "met" if e["met"] else "MISSED"
+        out.append([e["target"], "-" if e["layers"] is None else str(e["layers"]), unit] +
+                   [fmt_value(v.get(b), unit) for b in ("cowfs", "fuse-overlayfs", "kernel",
+                                                        "plain")] +
+                   [fmt_x(rat[k]) if k in rat else "-"
+                    for k in ("cowfs/fuse-overlayfs", "cowfs/kernel")] +
+                   [figure, e["goal"], met])
+    for label, why in NOT_MEASURED.items():
+        out.append([label, "-", "-"] + ["-"] * 6 + ["-", "", why])
+    return out
+
+
+def targets_markdown(tg: list[dict]) -> str:
+    body = target_rows(tg)
+    lines = ["| " + " | ".join(TARGET_HEAD) + " |",
+             "|---|--:|--:|" + "--:|" * 8 + "---|"]
+    for r in body:
+        r = r[:-1] + [f"**{r[-1]}**" if r[-1] in ("met", "MISSED") else r[-1]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_text(tg: list[dict]) -> str:
+    return _text_grid(TARGET_HEAD, target_rows(tg))
+
+
+def rich_targets(tg: list[dict]):
+    from rich.table import Table
+    t = Table(title="Issue #9 targets (cowfs, same run; ratios are cost ratios)",
+              header_style="bold")
+    for i, h in enumerate(TARGET_HEAD):
+        t.add_column(h, justify="left" if i == 0 or i == len(TARGET_HEAD) - 1 else "right")
+    for r in target_rows(tg):
+        met = r[-1]
+        style = "green" if met == "met" else "red" if met == "MISSED" else "yellow"
+        t.add_row(*r[:-1], f"[{style}]{met}[/{style}]")
+    return t
 
 
 def summary(rows: list[dict], backends: list[str]) -> list[list[str]]:
@@ -183,7 +284,10 @@ def _color_ratio(cell: str) -> str:
 
 def text_table(rows: list[dict], backends: list[str]) -> str:
     head, _ = table_columns(backends)
-    body = table_rows(rows, backends)
+    return _text_grid(head, table_rows(rows, backends))
+
+
+def _text_grid(head: list[str], body: list[list[str]]) -> str:
     widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
                        enumerate(zip(head, widths)))]
@@ -205,10 +309,11 @@ def markdown_table(rows: list[dict], backends: list[str]) -> str:
 
 
 def write_json(path: Path, meta: dict, cfg: Config, rows: list[dict], failures: list[dict],
-               backends: list[str], backend_status: dict) -> None:
+               backends: list[str], backend_status: dict, notes: dict) -> None:
     doc = {"meta": meta, "config": cfg.as_dict(), "backends": backends,
            "backend_status": backend_status, "ratio_meaning":
            "cost ratio (time, 1/throughput, memory): >1 means the first is slower/bigger",
+           "targets": targets(rows, cfg), "not_measured": {**NOT_MEASURED, **notes},
            "rows": rows, "failures": failures}
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 

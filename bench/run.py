@@ -124,12 +124,6 @@ def machine_info(backends: dict) -> dict:
     fs = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", str(DEFAULT_ROOT.parent)],
                         capture_output=True, text=True).stdout.strip()
     versions = {name: b.version() for name, b in backends.items() if name != "plain"}
-    try:
-        from importlib.metadata import version
-        versions["pyfuse3"] = version("pyfuse3")
-        versions["trio"] = version("trio")
-    except Exception:
-        pass
     versions["python"] = platform.python_version()
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "nproc": os.cpu_count(), "memory": mem, "cpu": cpu,
@@ -174,8 +168,7 @@ class Runner:
         return needs
 
     def _all_layer_counts(self) -> set[int]:
-        return set(self.cfg.layers + self.cfg.lookup_layers + self.cfg.copyup_layers +
-                   self.cfg.memory_layers)
+        return {n for w in self.workloads for n in self.cfg.layers_for(w)}
 
     def _register(self, m) -> None:
         self.live = m
@@ -264,8 +257,8 @@ class Runner:
 
 
 def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary_md: str,
-                     failures: list, status: dict, chart_name: str | None,
-                     elapsed: float) -> None:
+                     targets_md: str, notes: dict, failures: list, status: dict,
+                     chart_name: str | None, elapsed: float) -> None:
     v = meta["versions"]
     lines = [
         "# cowfs benchmark results", "",
@@ -275,11 +268,15 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
         f"kernel {meta['kernel']}, scratch fs {meta['scratch_fs']}",
         f"- kernel overlayfs: {v.get('kernel', '-')}",
         f"- fuse-overlayfs: {v.get('fuse-overlayfs', '-')}",
-        f"- cowfs: {v.get('cowfs', '-')} (python {v.get('python')}, pyfuse3 "
-        f"{v.get('pyfuse3', '?')}, trio {v.get('trio', '?')})",
+        f"- cowfs: {v.get('cowfs', '-')} (python {v.get('python')}, its own FUSE transport; "
+        f"default options, i.e. passthrough on as root)",
+        f"- command: `{meta['command']}`",
         f"- runs: {cfg.repeat}; big files {human_size(cfg.big_small)} and "
         f"{human_size(cfg.big_large)}; layer counts {cfg.layers}, lookup "
-        f"{cfg.lookup_layers}, copy-up {cfg.copyup_layers}, memory {cfg.memory_layers}",
+        f"{cfg.lookup_layers}, copy-up {cfg.copyup_layers}, memory {cfg.memory_layers}, "
+        f"daemon CPU {cfg.cpu_layers}, mount {cfg.mount_layers}, scenarios "
+        f"{cfg.scenario_layers}; {cfg.cpu_requests:,} requests per CPU figure, "
+        f"{cfg.mounts} mounts per latency figure",
         "- backends: " + ", ".join(f"{b}: {s}" for b, s in status.items()), "",
         "How to read it: absolute figures are medians over the runs, `±` is half the "
         "range over the runs relative to the median. Ratio columns are cost ratios "
@@ -290,6 +287,11 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
         "layers. `plain` is one ordinary directory holding the union of the layers "
         "(for copy-up rows: the same write on a plain file, i.e. no copy-up at all). "
         "`FAIL` is a step that failed (see below), `-` a step that does not apply.", "",
+        "## Issue #9 targets", "",
+        "cowfs's figure for each target of issue #9, from this run (medians; the ratio "
+        "figures are medians of per-run ratios, as in the tables below; `figure` is the "
+        "target's own form: a cost ratio for `<=`, a speed ratio for `>=`).", "",
+        targets_md, ""] + [f"- {k}: {w}" for k, w in notes.items()] + ["",
         "## Summary", "",
         "Geometric mean of each cost ratio over a workload's rows (all layer counts):", "",
         summary_md, "", "## All measurements", "", md_table, ""]
@@ -311,6 +313,24 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
               "- Memory: RSS (VmRSS) of the FUSE daemon process (found through its argv), "
               "settled; after the walk and again after `echo 2 > drop_caches` makes the "
               "kernel forget the inodes.",
+              "- Daemon CPU (rows 0): utime + stime of the daemon process (all threads, "
+              "/proc/PID/stat) before and after N requests of one kind made by the worker: "
+              "lstat of N distinct missing names (one LOOKUP each), "
+              "statx(AT_STATX_FORCE_SYNC) of warm files (one GETATTR or STATX each: the "
+              "flag goes past the kernel's attribute cache), open + close of warm files "
+              "(OPEN, FLUSH, RELEASE; per pair). Clock ticks are 10 ms, so N is large.",
+              "- Reads (rows 1-2) are of the big lower file; `Cached` is the growth of "
+              "Cached in /proc/meminfo during the read after drop_caches (the whole "
+              "machine's page cache: other work on it adds noise).",
+              "- Mount latency (row 11): from starting the mount command until it has "
+              "returned and a stat inside the mount answers; median of the mounts.",
+              "- Scenarios (rows 12), each on a fresh mount over one lower layer: `git "
+              "init`, `git add -A`, `git commit` of lower files; sqlite (python's sqlite3, "
+              "synchronous=FULL, rollback journal) with the database in the lower layer; "
+              "`ls -lR` and, in a chroot (own mount namespace with /dev and /proc), "
+              "`apt-get install --no-download` of a package whose .debs are in the "
+              "rootfs's apt cache. The rootfs is a debootstrapped minbase bookworm "
+              "(made once, kept in /tmp/bench-helper/rootfs/).",
               "- Noise on this VM: its disk writes recently freed blocks several times "
               "faster than long-free ones, so each copy-up step first writes and deletes a "
               "primer file of the same size; file creation on the ext4 scratch disk swings "
@@ -373,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     interrupted = False
     meta = machine_info(runner.backends)
+    meta["command"] = " ".join([".venv/bin/python bench/run.py"] +
+                               (sys.argv[1:] if argv is None else argv))
     steps = runner.steps()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
@@ -405,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{meta['nproc']} CPUs, kernel {meta['kernel']}, {cfg.repeat} run(s)")
     out_console.print(report.rich_table(rows, backends, title))
     out_console.print(report.rich_summary(rows, backends))
+    tg = report.targets(rows, cfg)
+    notes = {}
+    if "rootfs" in ns.workloads and runner.data.apt_unavailable:
+        notes["apt-get install scenario"] = f"not measured: {runner.data.apt_unavailable}"
+    out_console.print(report.rich_targets(tg))
     for b, s in runner.status.items():
         if s != "ok":
             console.print(f"backend {b}: {s}", style="yellow")
@@ -416,11 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     summary_md = report.summary_markdown(rows, backends)
     (ns.out / "table.txt").write_text(title + "\n\n" + report.text_table(rows, backends) +
                                       "\nSummary (geometric mean of the ratios per workload):"
-                                      "\n\n" + summary_md)
+                                      "\n\n" + summary_md + "\nIssue #9 targets:\n\n" +
+                                      report.targets_text(tg) +
+                                      "".join(f"{k}: {w}\n" for k, w in notes.items()))
     md = report.markdown_table(rows, backends)
-    (ns.out / "table.md").write_text(md)
+    targets_md = report.targets_markdown(tg)
+    (ns.out / "table.md").write_text(md + "\n" + targets_md)
     report.write_json(ns.out / "results.json", meta, cfg, rows, runner.failures, backends,
-                      runner.status)
+                      runner.status, notes)
     have_chart = False
     try:
         have_chart = report.chart(ns.out / "chart.png", rows, backends, title)
@@ -431,19 +461,18 @@ def main(argv: list[str] | None = None) -> int:
         if have_chart:
             chart_name = "results.png"
             shutil.copyfile(ns.out / "chart.png", results_md.parent / chart_name)
-        write_results_md(results_md, meta, cfg, md, summary_md, runner.failures,
-                         runner.status, chart_name, elapsed)
+        write_results_md(results_md, meta, cfg, md, summary_md, targets_md, notes,
+                         runner.failures, runner.status, chart_name, elapsed)
         console.print(f"bench: wrote {results_md}")
     if ns.profile and Ctx.profile_dir.is_dir():
         from pyspy import summarize
         head = (f"# Where the cowfs daemon spends its time\n\n"
                 f"py-spy samples of the daemon (250 Hz, --nonblocking) during each measured "
                 f"step of `scripts/bench --profile` on {meta['date']}, "
-                f"{meta['versions'].get('cowfs', '?')}. Samples where the daemon waits in "
-                f"epoll are left out, so the percentages are of its busy time; "
-                f"`async_wrapper (_pyfuse3.py)` is pyfuse3's compiled request loop (reading "
-                f"requests from /dev/fuse, sending replies). Left: self time per function; "
-                f"right: inclusive time of cowfs's own functions.\n\n")
+                f"{meta['versions'].get('cowfs', '?')}. Samples of threads waiting for a "
+                f"request (blocked reading /dev/fuse) are left out, so the percentages are "
+                f"of the daemon's busy time, all threads together. Left: self time per "
+                f"function; right: inclusive time of cowfs's own functions.\n\n")
         text = head + summarize(sorted(Ctx.profile_dir.glob("*.txt")))
         (Ctx.profile_dir / "summary.md").write_text(text)
         console.print(f"bench: profile summary in {Ctx.profile_dir / 'summary.md'}")

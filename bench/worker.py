@@ -6,8 +6,10 @@ Standard library only, so it starts fast.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,16 +34,25 @@ def _read_all(path: str, block: int = 1 << 20) -> int:
     return total
 
 
+def _cached_mib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no Cached line in /proc/meminfo")
+
+
 def op_read(path: str, warm: bool) -> dict:
     out = {}
     if warm:                   # first pass fills the mount's page cache; timed too
         t = now()
         size = _read_all(path)
         out["first_mibps"] = size / (1 << 20) / (now() - t)
+    cached = _cached_mib()     # here, not in the runner: our own start pages in python
     t = now()
     size = _read_all(path)
     dt = now() - t
-    out.update(mibps=size / (1 << 20) / dt, bytes=size)
+    out.update(mibps=size / (1 << 20) / dt, bytes=size, cached_mib=_cached_mib() - cached)
     return out
 
 
@@ -188,6 +199,130 @@ def op_walk(path: str) -> dict:
             os.lstat(os.path.join(dirpath, name))
         n += len(filenames) + len(dirnames)
     return {"s": now() - t, "entries": n}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the daemon processes (all their threads), in seconds."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])     # fields 14 and 15 of proc(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_STATX_FORCE_SYNC = 0x2000     # past the kernel's attribute cache: FUSE asks the daemon
+STATX_BASIC_STATS = 0x7FF
+
+
+def _statx_forced():
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)
+
+    def statx(path: bytes) -> None:
+        if libc.statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW | AT_STATX_FORCE_SYNC,
+                      STATX_BASIC_STATS, buf) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path.decode())
+    return statx
+
+
+def op_cpu(kind: str, pids: list[int], path: str, files: int, requests: int) -> dict:
+    """Daemon CPU per request (or per open + close for kind "open")."""
+    names = [os.path.join(path, f"f{i:05d}").encode() for i in range(files)]
+    for p in names:              # warm: every file looked up once
+        os.lstat(p)
+    if kind == "enoent":
+        targets = [os.path.join(path, f"missing-{i:06d}").encode() for i in range(requests)]
+    else:
+        targets = [names[i % files] for i in range(requests)]
+    statx = _statx_forced()
+    cpu0, t0 = _cpu_seconds(pids), now()
+    if kind == "enoent":
+        for p in targets:
+            try:
+                os.lstat(p)
+            except FileNotFoundError:
+                pass
+            else:
+                raise RuntimeError(f"{p!r} exists")
+    elif kind == "getattr":
+        for p in targets:
+            statx(p)
+    elif kind == "open":
+        for p in targets:
+            os.close(os.open(p, os.O_RDONLY))
+    else:
+        raise ValueError(f"unknown kind {kind}")
+    wall, cpu = now() - t0, _cpu_seconds(pids) - cpu0
+    return {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6}
+
+
+def op_git(path: str, files: int) -> dict:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
+           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+    t = now()
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "bench"]):
+        subprocess.run(cmd, cwd=path, env=env, check=True, stdout=subprocess.DEVNULL)
+    dt = now() - t
+    tracked = subprocess.run(["git", "ls-files"], cwd=path, env=env, check=True,
+                             capture_output=True).stdout.count(b"\n")
+    if tracked != files:
+        raise RuntimeError(f"the commit has {tracked} files, expected {files}")
+    return {"s": dt}
+
+
+def op_sqlite(db: str, txns: int) -> dict:
+    con = sqlite3.connect(db, isolation_level=None)   # explicit transactions
+    try:
+        con.execute("PRAGMA synchronous=FULL")          # fsync at every commit
+        body = "row" * 40
+        t = now()
+        for _ in range(txns):
+            con.execute("BEGIN")
+            con.execute("INSERT INTO t (body) VALUES (?)", (body,))
+            con.execute("COMMIT")
+        dt = now() - t
+        (count,) = con.execute("SELECT count(*) FROM t").fetchone()
+    finally:
+        con.close()
+    if count != 100 + txns:
+        raise RuntimeError(f"{count} rows after {txns} transactions")
+    return {"s": dt}
+
+
+def op_ls_lR(path: str) -> dict:
+    t = now()
+    res = subprocess.run(["ls", "-lR", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dt = now() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"ls -lR failed: {res.stderr.decode()[-300:]}")
+    return {"s": dt, "lines": res.stdout.count(b"\n")}
+
+
+# In a mount namespace of its own, so the /dev and /proc mounts vanish with it.
+_APT = ('mount --rbind /dev "$1/dev"; mount -t proc proc "$1/proc"; '
+        'exec chroot "$1" apt-get install -y -q --no-download "$2"')
+
+
+def op_apt(root: str, package: str) -> dict:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    t = now()
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "--", "sh", "-ec", _APT,
+                          "sh", root, package], env=env, capture_output=True, text=True)
+    dt = now() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"apt-get install failed (rc {res.returncode}): "
+                           f"{(res.stdout + res.stderr).strip()[-300:]}")
+    status = subprocess.run(["chroot", root, "dpkg-query", "-W", "-f=${Status}", package],
+                            capture_output=True, text=True).stdout
+    if status != "install ok installed":
+        raise RuntimeError(f"{package} is not installed afterwards: {status!r}")
+    return {"s": dt}
 
 
 def main() -> int:

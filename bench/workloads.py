@@ -1,4 +1,4 @@
-"""The ten workloads, as steps the runner drives for one (backend, layer count).
+"""The workloads, as steps the runner drives for one (backend, layer count).
 
 Each workload mounts the backend fresh (some several times), has worker.py do the timed
 part in a child process, and returns {metric key: value}.  Anything that goes wrong
@@ -10,13 +10,14 @@ import contextlib
 import ctypes
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from backends import Backend, MountError, Mounted, is_mountpoint, rss_mib
-from config import Config
+from config import APPLIES, Config
 from data import SUBDIRS_BY_WORKLOAD, Data
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -78,16 +79,20 @@ class Ctx:
         self.register = register      # register(mounted | None): the runner's safety net
 
     @contextlib.contextmanager
-    def mount(self):
-        """A fresh mount of this backend over the layer set (plain: a fresh union dir)."""
+    def mount(self, lowers: list[Path] | None = None):
+        """A fresh mount of this backend over the layer set, or over `lowers` (plain: a
+        fresh union dir)."""
         b = self.backend
-        self.data.prewarm(self.n, self.subdirs)
+        self.data.prewarm(self.n, self.subdirs, lowers)
         if b.name == "plain":
             path = b.base / "mnt"
-            self.data.build_plain(self.n, self.subdirs, path)
+            if lowers is None:
+                self.data.build_plain(self.n, self.subdirs, path)
+            else:
+                self.data.build_plain_rootfs(path)
             m = Mounted("plain", path)
         else:
-            m = b.mount(self.data.layerset(self.n).layers)
+            m = b.mount(lowers or self.data.layerset(self.n).layers)
         self.register(m)
         try:
             yield m
@@ -144,15 +149,34 @@ def _big(m: Mounted, name: str) -> str:
     return str(m.path / "big" / name)
 
 
+def run_cpu(ctx: Ctx) -> dict:
+    """Daemon CPU time (utime + stime of its process) per request, measured by the worker
+    around N requests of one kind: lookups of distinct missing names (each one LOOKUP,
+    the kernel caches the negative entry), statx(AT_STATX_FORCE_SYNC) of warm files (one
+    GETATTR or STATX each, past the kernel's attribute cache) and open + close of warm
+    files (OPEN, FLUSH, RELEASE)."""
+    out = {}
+    with ctx.mount() as m:
+        if not m.pids:
+            raise StepError("cannot find the daemon process of the mount")
+        for kind in ("enoent", "getattr", "open"):
+            v = ctx.child(m, "cpu", f"cpu-{kind}", kind=kind, pids=m.pids,
+                          path=str(m.path / "cpu"), files=ctx.cfg.cpu_files,
+                          requests=ctx.cfg.cpu_requests)
+            out[{"enoent": "cpu_lookup_enoent", "getattr": "cpu_getattr",
+                 "open": "cpu_open"}[kind]] = v["cpu_us"]
+    return out
+
+
 def run_read(ctx: Ctx) -> dict:
-    lower = (ctx.data.plain_big if ctx.backend.name == "plain" else ctx.data.big)["f_small"]
+    lower = (ctx.data.plain_big if ctx.backend.name == "plain" else ctx.data.big)["f_large"]
     ctx.data.warm_file(lower)          # the lower file is in the page cache
     with ctx.mount() as m:
-        hot = ctx.child(m, "read", "read-hot", path=_big(m, "f_small"), warm=True)
+        hot = ctx.child(m, "read", "read-hot", path=_big(m, "f_large"), warm=True)
         drop_caches(3)
-        cold = ctx.child(m, "read", "read-cold", path=_big(m, "f_small"), warm=False)
+        cold = ctx.child(m, "read", "read-cold", path=_big(m, "f_large"), warm=False)
     return {"read_first": hot["first_mibps"], "read_hot": hot["mibps"],
-            "read_cold": cold["mibps"]}
+            "read_cold": cold["mibps"], "read_cached": cold["cached_mib"]}
 
 
 def run_stat(ctx: Ctx) -> dict:
@@ -259,13 +283,59 @@ def run_memory(ctx: Ctx) -> dict:
     return {"mem_walk": v["s"], "rss_idle": idle, "rss_walk": walked, "rss_forget": forgot}
 
 
-RUNNERS = {"read": run_read, "stat": run_stat, "find": run_find, "ls": run_ls,
+def run_mount(ctx: Ctx) -> dict:
+    """Median over cfg.mounts fresh mounts of the time from starting the mount command
+    until a stat in the mount answers (backends.Backend.mount)."""
+    lowers = ctx.data.layerset(ctx.n).layers
+    ctx.data.prewarm(ctx.n, ctx.subdirs)
+    times = []
+    for _ in range(ctx.cfg.mounts):
+        m = ctx.backend.mount(lowers, probe="lk")
+        ctx.register(m)
+        try:
+            times.append(m.mount_s)
+        finally:
+            ctx.backend.unmount(m)
+            ctx.register(None)
+        if is_mountpoint(m.path):
+            raise StepError(f"{m.path} is still mounted after umount")
+    return {"mount_latency": statistics.median(times)}
+
+
+def run_git(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        v = ctx.child(m, "git", path=str(m.path / "git"), files=ctx.cfg.git_files)
+    return {"git_commit": v["s"]}
+
+
+def run_sqlite(ctx: Ctx) -> dict:
+    with ctx.mount() as m:
+        v = ctx.child(m, "sqlite", db=str(m.path / "sq" / "bench.db"),
+                      txns=ctx.cfg.sqlite_txns)
+    return {"sqlite_txns": v["s"]}
+
+
+def run_rootfs(ctx: Ctx) -> dict:
+    rootfs = ctx.data.rootfs
+    if rootfs is None:
+        raise StepError("no rootfs was prepared")
+    with ctx.mount([rootfs]) as m:
+        out = {"rootfs_ls_lR": ctx.child(m, "ls_lR", path=str(m.path))["s"]}
+    if ctx.backend.name != "plain" and ctx.data.apt_unavailable is None:
+        with ctx.mount([rootfs]) as m:
+            out["rootfs_apt"] = ctx.child(m, "apt", root=str(m.path),
+                                          package=ctx.cfg.apt_package)["s"]
+    return out
+
+
+RUNNERS = {"cpu": run_cpu, "read": run_read, "stat": run_stat, "find": run_find, "ls": run_ls,
            "lookup": run_lookup, "copyup": run_copyup, "small": run_small, "job": run_job,
-           "memory": run_memory}
+           "memory": run_memory, "mount": run_mount, "git": run_git, "sqlite": run_sqlite,
+           "rootfs": run_rootfs}
 
 
 def applies(workload: str, backend: str) -> bool:
-    return workload != "memory" or backend in ("fuse-overlayfs", "cowfs")
+    return workload not in APPLIES or backend in APPLIES[workload]
 
 
 __all__ = ["Ctx", "StepError", "MountError", "RUNNERS", "applies", "drop_caches"]

@@ -35,8 +35,13 @@ def test_quick_bench_runs_all_backends(tmp_path: Path) -> None:
     assert doc["backends"] == ["plain", "kernel", "fuse-overlayfs", "cowfs"]
     assert doc["rows"], "no rows in results.json"
     assert {r["metric"] for r in doc["rows"]} >= {"read_hot", "stat_first", "lookup_bottom",
-                                                  "copyup_append_large", "job_total"}
+                                                  "copyup_append_large", "job_total",
+                                                  "cpu_lookup_enoent", "cpu_getattr",
+                                                  "cpu_open", "read_cached", "mount_latency",
+                                                  "git_commit", "sqlite_txns", "rootfs_ls_lR"}
+    targets = {t["metric"] for t in doc["targets"] if t["met"] is not None}
+    assert targets >= {"cpu_getattr", "read_hot", "find_warm", "mount_latency", "git_commit"}
     table = (out / "table.txt").read_text()
-    assert "cowfs/kernel" in table and "fuse-ovl" in table
+    assert "cowfs/kernel" in table and "fuse-ovl" in table and "#9 target" in table
     with open("/proc/self/mountinfo") as f:
         assert str(root) not in f.read(), "the benchmark left a mount behind"
