@@ -135,9 +135,13 @@ def target_rows(tg: list[dict]) -> list[list[str]]:
                    [fmt_x(rat[k]) if k in rat else "-"
                     for k in ("cowfs/fuse-overlayfs", "cowfs/kernel")] +
                    [figure, e["goal"], met])
-    for label, why in NOT_MEASURED.items():
-        out.append([label, "-", "-"] + ["-"] * 6 + ["-", "", why])
+    for label in NOT_MEASURED:
+        out.append([label, "-", "-"] + ["-"] * 6 + ["-", "", "not measured"])
     return out
+
+
+def _not_measured_notes() -> list[str]:
+    return [f"- {label}: {why}" for label, why in NOT_MEASURED.items()]
 
 
 def targets_markdown(tg: list[dict]) -> str:
@@ -147,11 +151,11 @@ def targets_markdown(tg: list[dict]) -> str:
     for r in body:
         r = r[:-1] + [f"**{r[-1]}**" if r[-1] in ("met", "MISSED") else r[-1]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + _not_measured_notes()) + "\n"
 
 
 def targets_text(tg: list[dict]) -> str:
-    return _text_grid(TARGET_HEAD, target_rows(tg))
+    return _text_grid(TARGET_HEAD, target_rows(tg)) + "\n".join(_not_measured_notes()) + "\n"
 
 
 def rich_targets(tg: list[dict]):

@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write the RESULTS.md report here (default: bench/RESULTS.md on a "
                         "full run of everything, nowhere otherwise)")
     p.add_argument("--no-results-md", action="store_true", help="never write RESULTS.md")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="generate the data the chosen workloads need and stop (with "
+                        "--keep-data: a later run with the same --root starts measuring "
+                        "at once)")
     p.add_argument("--profile", action="store_true",
                    help="record the cowfs daemon with py-spy during every step (perturbs "
                         "its timings; writes OUT/profiles/ and never RESULTS.md)")
@@ -406,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not console.is_terminal:
                     print(f"bench: {s}", file=sys.stderr, flush=True)
             runner.data.prepare(runner.data_needs(), note)
+            if ns.prepare_only:
+                console.print(f"bench: data ready in {runner.data.root}")
+                return 0
             runner.run(progress, task)
             progress.update(task, description="done")
     except KeyboardInterrupt:
@@ -467,12 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     if ns.profile and Ctx.profile_dir.is_dir():
         from pyspy import summarize
         head = (f"# Where the cowfs daemon spends its time\n\n"
-                f"py-spy samples of the daemon (250 Hz, --nonblocking) during each measured "
-                f"step of `scripts/bench --profile` on {meta['date']}, "
-                f"{meta['versions'].get('cowfs', '?')}. Samples of threads waiting for a "
-                f"request (blocked reading /dev/fuse) are left out, so the percentages are "
-                f"of the daemon's busy time, all threads together. Left: self time per "
-                f"function; right: inclusive time of cowfs's own functions.\n\n")
+                f"py-spy samples of the daemon (250 Hz, --nonblocking --gil) during each "
+                f"measured step of `scripts/bench --profile` on {meta['date']}, "
+                f"{meta['versions'].get('cowfs', '?')}: only the thread holding the GIL is "
+                f"sampled, so this is the daemon's Python time (syscalls are not in it). "
+                f"Left: self time per function; right: inclusive time of cowfs's own "
+                f"functions; then the hottest lines.\n\n")
         text = head + summarize(sorted(Ctx.profile_dir.glob("*.txt")))
         (Ctx.profile_dir / "summary.md").write_text(text)
         console.print(f"bench: profile summary in {Ctx.profile_dir / 'summary.md'}")

@@ -201,14 +201,16 @@ def op_walk(path: str) -> dict:
     return {"s": now() - t, "entries": n}
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the daemon processes (all their threads), in seconds."""
-    ticks = 0
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the daemon processes (all their threads), in seconds."""
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])     # fields 14 and 15 of proc(5)
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])      # fields 14 and 15 of proc(5)
+        system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 AT_FDCWD = -100
@@ -256,8 +258,11 @@ def op_cpu(kind: str, pids: list[int], path: str, files: int, requests: int) -> 
             os.close(os.open(p, os.O_RDONLY))
     else:
         raise ValueError(f"unknown kind {kind}")
-    wall, cpu = now() - t0, _cpu_seconds(pids) - cpu0
-    return {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6}
+    wall = now() - t0
+    (u0, s0), (u1, s1) = cpu0, _cpu_seconds(pids)
+    per = 1e6 / requests
+    return {"cpu_us": (u1 - u0 + s1 - s0) * per, "user_us": (u1 - u0) * per,
+            "sys_us": (s1 - s0) * per, "wall_us": wall * per}
 
 
 def op_git(path: str, files: int) -> dict:
