@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="layer counts for the layered workloads (default 1,5,20)")
     p.add_argument("--lookup-layers", type=_ints, default=None,
                    help="layer counts for the lookup-scaling workload (default 1,5,20,100)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start another run (repeat) only if it is expected to end within "
+                        "this many minutes of the first run's start; report the runs made")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds one measured step may take before the mount is torn down")
     p.add_argument("--out", type=Path, default=HERE / "out",
@@ -185,6 +188,13 @@ class Runner:
             vals = per.setdefault(b, [None] * self.cfg.repeat)
             vals[r] = None if values is None else values.get(m.key)
 
+    def truncate(self, runs: int) -> None:
+        """Keep the first `runs` runs (the ones that were made)."""
+        self.cfg.repeat = runs
+        for per in self.raw.values():
+            for b in per:
+                per[b] = per[b][:runs]
+
     def fail(self, w: str, n: int, b: str, r: int, err: str) -> None:
         self.failures.append({"backend": b, "workload": w, "layers": n, "repeat": r + 1,
                               "error": err})
@@ -197,7 +207,15 @@ class Runner:
             why = b.unavailable()
             if why:
                 self.status[name] = f"unavailable: {why}"
+        t0 = time.monotonic()
         for r in range(self.cfg.repeat):
+            if r and self.ns.max_minutes:
+                spent = time.monotonic() - t0
+                if spent + spent / r > self.ns.max_minutes * 60:   # another would not fit
+                    self.truncate(r)
+                    progress.console.print(f"bench: stopping after {r} run(s): another "
+                                           f"would exceed --max-minutes")
+                    return
             # Rotate the backend order each run so none always goes first.
             order = list(self.backends)
             order = order[r % len(order):] + order[:r % len(order)]
