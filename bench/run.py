@@ -132,6 +132,12 @@ def machine_info(backends: dict) -> dict:
                         capture_output=True, text=True).stdout.strip()
     versions = {name: b.version() for name, b in backends.items() if name != "plain"}
     versions["python"] = platform.python_version()
+    rev = subprocess.run(["git", "-C", str(HERE), "log", "-1", "--format=%h", "--", "."],
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "."],
+                           capture_output=True, text=True).stdout.strip()
+    versions["bench"] = f"bench/ at git {rev or '?'}" + (" + uncommitted changes" if dirty
+                                                         else "")
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "nproc": os.cpu_count(), "memory": mem, "cpu": cpu,
             "kernel": os.uname().release, "scratch_fs": fs, "versions": versions}
@@ -292,7 +298,8 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
         f"- fuse-overlayfs: {v.get('fuse-overlayfs', '-')}",
         f"- cowfs: {v.get('cowfs', '-')} (python {v.get('python')}, its own FUSE transport; "
         f"default options, i.e. passthrough on as root)",
-        f"- command: `{meta['command']}`",
+        f"- command: `{meta['command']}` ({v.get('bench', '?')}; `scripts/bench` "
+        f"is scripts/setup + this)",
         f"- runs: {cfg.repeat}; big files {human_size(cfg.big_small)} and "
         f"{human_size(cfg.big_large)}; layer counts {cfg.layers}, lookup "
         f"{cfg.lookup_layers}, copy-up {cfg.copyup_layers}, memory {cfg.memory_layers}, "
