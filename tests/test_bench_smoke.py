@@ -29,6 +29,11 @@ def test_quick_bench_runs_all_backends(tmp_path: Path) -> None:
              "--root", str(root), "--no-results-md"],
             capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     finally:
+        # The suite unmounts everything itself, but not if it was killed (an
+        # interrupted pytest kills its child): then its leftovers go here.
+        sys.path.insert(0, str(REPO / "bench"))
+        from backends import cleanup_stale
+        cleanup_stale(root)
         shutil.rmtree(root, ignore_errors=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
