@@ -207,7 +207,7 @@ class OverlayServer(Operations):
         fh = self._fh()
         of = self.files[fh] = OpenFile(h, v)
         if not (self.passthrough and stat.S_ISREG(node.mode)):
-            return Opened(fh, Fopen.KEEP_CACHE)
+            return Opened(fh, Fopen.KEEP_CACHE | Fopen.NOFLUSH)
         b = v.backing
         if b is None:
             assert self.session is not None
@@ -225,7 +225,8 @@ class OverlayServer(Operations):
             raise OSError(errno.ESTALE, "file copied up under passthrough readers")
         b.opens += 1
         of.passthrough = True
-        return Opened(fh, 0, b.id)
+        # (no FLUSH requests: nothing is buffered here, and no locks are kept)
+        return Opened(fh, Fopen.NOFLUSH, b.id)
 
     def open(self, v: View, flags: int, ctx: Ctx) -> Opened:
         if self.views.get(v.node) is not v and stat.S_ISREG(v.node.mode) and self.passthrough:

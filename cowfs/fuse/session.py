@@ -37,7 +37,7 @@ class Config:
     passthrough: bool = False        # ask for FUSE_PASSTHROUGH (root, 6.9+)
     posix_acl: bool = False
     max_pages: int = 256             # 1 MiB requests
-    threads: int = 4
+    threads: int = int(os.environ.get("COWFS_THREADS", "4"))
 
 
 @dataclass
