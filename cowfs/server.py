@@ -90,6 +90,9 @@ class OverlayServer(Operations):
         self.root = self._view(ov.root)
         self._next_fh = 0
         ov.is_held = self._held
+        # Test hook: names starting with $COWFS_FAULT make lookup ("...lookup")
+        # or forget ("...forget") raise, to show the daemon survives a bug.
+        self._fault = os.fsencode(os.environ.get("COWFS_FAULT", "")) or None
 
     def attach(self, session: Session) -> None:
         self.session = session
@@ -137,6 +140,8 @@ class OverlayServer(Operations):
 
     # -- names -------------------------------------------------------------
     def lookup(self, parent: View, name: bytes, ctx: Ctx) -> Entry | None:
+        if self._fault and name.startswith(self._fault + b"lookup"):
+            raise RuntimeError(f"fault injected: lookup {name!r}")
         node = lookup(self.ov, parent.node, name)
         # None: a negative entry the kernel may cache; creation through the
         # mount replaces it, and nothing else changes the layers.
@@ -144,6 +149,8 @@ class OverlayServer(Operations):
 
     def forget(self, v: View) -> None:
         node = v.node
+        if self._fault and node.name.startswith(self._fault + b"forget"):
+            raise RuntimeError(f"fault injected: forget {node.name!r}")
         if self.views.get(node) is v:
             del self.views[node]
         else:

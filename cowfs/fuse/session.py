@@ -84,7 +84,6 @@ class Session:
         self._threads: list[threading.Thread] = []
         self._worker_fds: list[int] = []
         self.counters: dict[int, int] = {}     # requests served, by opcode
-        self.on_unexpected: Callable[[str, BaseException], None] | None = None
         ev, ea = _split_time(cfg.entry_timeout)
         av, aa = _split_time(cfg.attr_timeout)
         nv, na = _split_time(cfg.negative_timeout)
@@ -229,14 +228,16 @@ class Session:
                     continue                    # FORGET and friends: no reply
                 reply = out
             except OSError as e:
+                if opcode in _NO_REPLY:
+                    continue
                 error = -(e.errno or errno.EIO)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s on node %d: %s", _op_name(opcode), nodeid, e)
-            except Exception as e:              # a bug: answer EIO, log, keep serving
+            except Exception:                   # a bug: answer EIO, log, keep serving
+                log.exception("%s on node %d failed", _op_name(opcode), nodeid)
+                if opcode in _NO_REPLY:
+                    continue
                 error = -errno.EIO
-                log.exception("%s failed", _op_name(opcode))
-                if self.on_unexpected is not None:
-                    self.on_unexpected(_op_name(opcode), e)
             if opcode == Op.DESTROY:
                 self._send(fd, unique, error, reply)
                 self.stop()
@@ -597,6 +598,9 @@ class Session:
 
     def _statx(self, body: memoryview, nodeid: int, ctx: Ctx) -> bytes:
         raise OSError(errno.ENOSYS, "the kernel falls back to GETATTR")
+
+
+_NO_REPLY = frozenset((Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT))
 
 
 def _signed(v: int) -> int:
