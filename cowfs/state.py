@@ -1,10 +1,9 @@
 """Where a live mount records its layers, so `cowfs diff MNT` can find its upper dir."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-
-import xxhash
 
 from .overlay.params import MountConfig
 
@@ -12,15 +11,18 @@ STATE_DIR = "/run/cowfs/mounts" if os.geteuid() == 0 else os.path.join(
     os.environ.get("XDG_RUNTIME_DIR", f"/tmp/cowfs-{os.getuid()}"), "cowfs", "mounts")
 
 
+def _key(mountpoint: str) -> str:
+    return hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+
+
 def _state_file(mountpoint: str) -> str:
-    key = xxhash.xxh64_hexdigest(os.path.realpath(mountpoint).encode())
+    key = _key(mountpoint)
     return os.path.join(STATE_DIR, key + ".json")
 
 
 def log_path(mountpoint: str) -> str:
     """Where a detached daemon logs (cowfs --log FILE to choose)."""
-    key = xxhash.xxh64_hexdigest(os.path.realpath(mountpoint).encode())
-    return os.path.join(os.path.dirname(STATE_DIR), "logs", key + ".log")
+    return os.path.join(os.path.dirname(STATE_DIR), "logs", _key(mountpoint) + ".log")
 
 
 def record_mount(cfg: MountConfig) -> None:

@@ -6,6 +6,7 @@ a `UsageError` whose message is the one line the user sees.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 
@@ -155,6 +156,13 @@ def validate(cfg: MountConfig) -> None:
     _is_dir(cfg.mountpoint, "mountpoint")
     if is_mounted(cfg.mountpoint):
         raise UsageError(f"mountpoint '{cfg.mountpoint}' is already mounted")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise UsageError("no access to /dev/fuse (is the fuse module loaded? "
-                         "are you allowed to use it?)")
+    _check_fuse_access()
+
+
+def _check_fuse_access() -> None:
+    """Root opens /dev/fuse itself; a user goes through the setuid fusermount3."""
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK) \
+            and shutil.which("fusermount3") is None:
+        raise UsageError("no access to /dev/fuse and no fusermount3 (Debian package fuse3)")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
-from .layers import DIR_FLAGS, Layer
+from .layers import DIR_FLAGS, Layer, make_whiteout
 from .params import MountConfig
 
 WORK_SUBDIR = "work"
@@ -43,13 +43,14 @@ class Overlay:
         self.metacopy = cfg.metacopy
         self.redirect_dir = cfg.redirect_dir
         self.euid = os.geteuid()
-        # Where mknod of a 0/0 whiteout is refused, deletions fall back to .wh.NAME.
-        self.wh_fallback = self.euid != 0
         self.numbers = InodeNumbers()
         # Keep half the fd limit for open files; the rest may cache directory fds.
         self.table = InodeTable(self, max(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
         self.work_fd = self._open_work() if self.upper else -1
         self._tmp_seq = itertools.count()
+        # Where mknod of a 0/0 whiteout is refused (users before Linux 5.8),
+        # deletions fall back to .wh.NAME.
+        self.wh_fallback = self.upper is not None and not self._can_make_whiteouts()
         # The core runs one operation at a time under this lock; long blocking
         # work (copying data, fsync) runs unlocked(), so other requests go on.
         self.lock = threading.Lock()
@@ -73,6 +74,15 @@ class Overlay:
             shutil.rmtree(path)
         os.mkdir(path, 0o700)
         return os.open(path, DIR_FLAGS)
+
+    def _can_make_whiteouts(self) -> bool:
+        name = self.tmp_name()
+        try:
+            make_whiteout(self.work_fd, name)
+        except PermissionError:
+            return False
+        os.unlink(name, dir_fd=self.work_fd)
+        return True
 
     def tmp_name(self) -> bytes:
         return b"#cowfs-%d-%d" % (os.getpid(), next(self._tmp_seq))
