@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 
 from .inodes import Node
-from .layers import (entry_xattrs, lstat_at, lstat_or_none, open_file_at, renameat2,
-                     walk_dirs)
+from .layers import (FS_APPEND_FL, entry_xattrs, inode_flags, lstat_at, lstat_or_none,
+                     open_file_at, renameat2, set_inode_flags, walk_dirs)
 from .format import NO_XATTR, is_private_xattr, private_xattr_name
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     assert node.parent is not None
     src = open_lower_data(ov, node)
     try:
-        dst = open_file_at(ov.table.dir_fd(node.parent, 0), node.name, os.O_WRONLY)
+        dst, append_only = _open_placeholder(ov.table.dir_fd(node.parent, 0), node.name)
         try:
             st = os.fstat(dst)
             if truncate:
@@ -259,6 +259,8 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
                 except OSError as e:
                     if e.errno not in NO_XATTR:
                         raise
+            if append_only:
+                set_inode_flags(dst, inode_flags(dst) | FS_APPEND_FL)
         finally:
             os.close(dst)
     finally:
@@ -267,6 +269,24 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     node.metacopy = False
     node.lower_layer = None
     node.gen += 1
+
+
+def _open_placeholder(dir_fd: int, name: bytes) -> tuple[int, bool]:
+    """The metacopy placeholder opened for its data.  One made append-only
+    (chattr +a) refuses that; the copy is not a write of the program's, so the
+    flag is lifted for it and put back after (an immutable file stays refused)."""
+    try:
+        return open_file_at(dir_fd, name, os.O_WRONLY), False
+    except PermissionError:
+        ro = open_file_at(dir_fd, name, os.O_RDONLY)
+        try:
+            flags = inode_flags(ro)
+            if not flags & FS_APPEND_FL:
+                raise
+            set_inode_flags(ro, flags & ~FS_APPEND_FL)
+        finally:
+            os.close(ro)
+        return open_file_at(dir_fd, name, os.O_WRONLY), True
 
 
 def open_lower_data(ov: Overlay, node: Node) -> int:

@@ -9,6 +9,7 @@ handed to the kernel.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import stat
 
@@ -109,3 +110,20 @@ def renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> N
 def make_whiteout(dir_fd: int, name: bytes) -> None:
     """A kernel-form whiteout: character device 0/0, mode 0, as overlayfs makes it."""
     os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+
+
+# Inode flags (lsattr/chattr) and the ioctls that read and set them.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+
+
+def inode_flags(fd: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))[:4], "little")
+
+
+def set_inode_flags(fd: int, flags: int) -> None:
+    fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(8, "little"))
