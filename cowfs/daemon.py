@@ -18,7 +18,7 @@ log = logging.getLogger("cowfs")
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
-    opts = {"fsname=cowfs", "subtype=cowfs", "default_permissions"}
+    opts = {f"fsname={cfg.fsname}", "subtype=cowfs", "default_permissions"}
     if os.geteuid() == 0:
         # Root mounts serve every user; the kernel checks permissions itself.
         opts.add("allow_other")

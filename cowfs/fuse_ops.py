@@ -19,7 +19,7 @@ from pyfuse3 import FUSEError
 
 from .overlay import dir as dir_ops, file, inode as inode_attrs, xattrs
 from .overlay.inodes import Node
-from .overlay.namei import lookup
+from .overlay.namei import lookup, lookup_listed
 from .overlay import Overlay
 from .overlay.readdir import merged_names
 
@@ -269,7 +269,7 @@ class CowfsOperations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._entry(node), i + 1):
                     return
                 continue
-            node = lookup(self.ov, d.node, name)
+            node = lookup_listed(self.ov, d.node, name)
             if node is None:
                 continue
             if not pyfuse3.readdir_reply(token, name, self._entry(node), i + 1):

@@ -14,6 +14,7 @@ import shutil
 
 import trio
 
+from .format import Format
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
 from .layers import DIR_FLAGS, Layer
 from .params import MountConfig
@@ -33,11 +34,18 @@ class Overlay:
         self.layers: list[Layer | None] = [Layer(0, cfg.upperdir, True) if cfg.upperdir else None]
         self.layers += [Layer(i + 1, p, False) for i, p in enumerate(cfg.lowerdirs)]
         self.lower_indexes = tuple(range(1, len(self.layers)))
+        # Data-only layers (lowerdir=a:b::data) merge into no directory: only a
+        # metacopy file's absolute redirect reaches them.
+        self.merge_lowers = self.lower_indexes[:len(self.lower_indexes) - cfg.data_layers]
+        self.data_lowers = self.lower_indexes[len(self.merge_lowers):]
+        self.bottom_layer = self.merge_lowers[-1]
+        self.fmt = Format.for_mount(cfg.userxattr)
+        self.follow_redirects = cfg.follow_redirects
         self.upper = self.layers[0]
         self.read_only = cfg.read_only or self.upper is None
         self.volatile = cfg.volatile
         self.metacopy = cfg.metacopy
-        self.redirect_dir = cfg.redirect_dir
+        self.redirect_dir = cfg.redirect_dir == "on"
         self.euid = os.geteuid()
         # Where mknod of a 0/0 whiteout is refused, deletions fall back to .wh.NAME.
         self.wh_fallback = self.euid != 0
@@ -50,7 +58,7 @@ class Overlay:
         top = 0 if self.upper else 1
         root_st = os.fstat(self.layers[top].fd)
         self.root = Node(ROOT_INO, None, b"", root_st.st_mode, top, None,
-                         tuple(i for i, layer in enumerate(self.layers) if layer))
+                         (0,) * (self.upper is not None) + self.merge_lowers)
         self.root.lookups = 1
         self.numbers.keep(root_st, ROOT_INO)
         self.table.add(self.root)
