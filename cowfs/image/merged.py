@@ -165,10 +165,10 @@ def list_merged(sources: list[Source], fmt: Format) -> dict[bytes, Entry]:
     hidden: set[bytes] = set()
     for src in sources:
         hidden_here: set[bytes] = set()
-        marks = dir_marks(fmt, src.fd)
         for name in map(os.fsencode, os.listdir(src.fd)):
             st = os.stat(name, dir_fd=src.fd, follow_symlinks=False)
-            c = classify(fmt, src.fd, name, st, marks)
+            # as a lookup by name: what the mount shows (see format.classify)
+            c = classify(fmt, src.fd, name, st, None)
             if c.kind is Kind.WHITEOUT:
                 hidden_here.add(c.target)
             elif c.kind is Kind.ENTRY and name not in seen and name not in hidden:

@@ -5,8 +5,8 @@ unpack) all read layers through this module, so they cannot disagree.
 
 Kernel form: a character device 0/0 hides a name; `overlay.opaque=y` makes a
 directory opaque; a zero-size regular file with `overlay.whiteout` hides a name
-when its directory carries `overlay.opaque=x` (the kernel's xattr whiteouts,
-6.8+: `overlay.whiteouts` on the directory alone does not count);
+(the kernel's xattr whiteouts: readdir takes them only in a directory marked
+`overlay.opaque=x`, 6.8+, and not for `overlay.whiteouts` alone; lookup in any);
 `overlay.redirect` says where a moved directory (or a metacopy file's data)
 lives below; `overlay.metacopy` marks a file whose data is in a lower layer.
 OCI/AUFS form (extracted image layers, and rootless uppers): `.wh.NAME` hides
@@ -126,8 +126,11 @@ def oci_form(name: bytes) -> Classified | None:
 def classify(fmt: Format, dir_fd: int, name: bytes, entry: os.DirEntry | os.stat_result,
              marks: DirMarks | None) -> Classified:
     """What the entry `name` of the layer directory dir_fd is, by both forms.
-    `entry` is its DirEntry (no stat unless its type needs one) or its lstat;
-    `marks` are dir_fd's, or None to read them only if an entry needs them."""
+    `entry` is its DirEntry (no stat unless its type needs one) or its lstat.
+    With `marks` (dir_fd's), as the kernel's readdir: a zero-size file with
+    overlay.whiteout is a whiteout only in an opaque=x directory, which spares a
+    stat of every file.  Without, as the kernel's lookup by name: in any
+    directory (a listing built with marks leaves out names lookup refuses)."""
     by_name = oci_form(name)
     if by_name is not None:
         return by_name
@@ -146,8 +149,7 @@ def classify(fmt: Format, dir_fd: int, name: bytes, entry: os.DirEntry | os.stat
     if is_reg and (marks is None or marks.xwhiteouts):
         if st is None:
             st = entry.stat(follow_symlinks=False)  # type: ignore[union-attr]
-        if st.st_size == 0 and (marks is not None or fmt.get(dir_fd, "opaque") == b"x") \
-                and fmt.get(xattr_path(dir_fd, name), "whiteout") is not None:
+        if st.st_size == 0 and fmt.get(xattr_path(dir_fd, name), "whiteout") is not None:
             return Classified(Kind.WHITEOUT, name)
     return Classified(Kind.ENTRY, name)
 

@@ -184,7 +184,7 @@ def _may_be_metacopy(st: os.stat_result) -> bool:
     return st.st_size > 0 and (st.st_size > st.st_blocks * 512 or st.st_blocks <= 16)
 
 
-def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node:
+def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node | None:
     k = ent.layer
     if ent.ino is not None:
         # Lower entries never change: a known one needs no syscall while its node lives.
@@ -193,6 +193,9 @@ def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node
             return node
     pfd = ov.table.dir_fd(parent, k)
     st = lstat_at(pfd, name)
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0 \
+            and classify(ov.fmt, pfd, name, st, None).kind is Kind.WHITEOUT:
+        return None   # an xattr whiteout outside an opaque=x directory (see classify)
     ino = ov.numbers.number(st)
     node = _existing(ov, ino, parent, name, k)
     if node is not None:
