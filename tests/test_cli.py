@@ -54,6 +54,9 @@ def test_parse_resolves_relative_paths(tmp_path, monkeypatch):
      "conflicting options: metacopy=on,redirect_dir=follow"),
     (["lowerdir=a,userxattr,redirect_dir=on"], "conflicting options: userxattr,redirect_dir=on"),
     (["lowerdir=a,userxattr,metacopy=on"], "conflicting options: userxattr,metacopy=on"),
+    (["lowerdir=a,uidmapping=0:1000"], "bad value for uidmapping"),
+    (["lowerdir=a,gidmapping=0:1000:0"], "bad value for gidmapping"),
+    (["lowerdir=a,uidmapping=0:x:1"], "bad value for uidmapping"),
     (["lowerdir=a,squash_to_root"], "'squash_to_root' is not supported"),
     (["lowerdir=a,squash_to_uid=0"], "'squash_to_uid=0' is not supported"),
     (["lowerdir=a,static_nlink"], "'static_nlink' is not supported"),
@@ -97,6 +100,13 @@ def test_userxattr_turns_redirects_and_metacopy_off():
     cfg = _cfg("lowerdir=/l,upperdir=/u,workdir=/w,userxattr")
     assert cfg.userxattr and (cfg.redirect_dir, cfg.metacopy) == ("nofollow", False)
     assert _cfg("lowerdir=/l,userxattr,redirect_dir=nofollow").redirect_dir == "nofollow"
+
+
+def test_id_mappings_parse_as_fuse_overlayfs_takes_them():
+    from cowfs.overlay.params import IdRange
+    cfg = _cfg("lowerdir=/l,uidmapping=0:1000:1:1:110000:65536,gidmapping=0:1000:1")
+    assert cfg.uidmapping == (IdRange(0, 1000, 1), IdRange(1, 110000, 65536))
+    assert cfg.gidmapping == (IdRange(0, 1000, 1),)
 
 
 def test_index_xino_and_the_rest():

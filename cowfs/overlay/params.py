@@ -21,9 +21,8 @@ KERNEL_FLAGS = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "no
                 "diratime", "nodiratime", "relatime", "norelatime", "strictatime"}
 ACCEPTED = KERNEL_FLAGS | {"rw", "ro", "volatile", "auto", "noauto", "user", "nouser",
                            "users", "nofail", "_netdev", "defaults", "async", "sync", "debug"}
-VALUED_IGNORED = ("context", "fscontext", "defcontext", "rootcontext", "uidmapping",
-                  "gidmapping", "timeout", "threaded", "fsync", "plugins",
-                  "fast_ino", "noacl", "x-")
+VALUED_IGNORED = ("context", "fscontext", "defcontext", "rootcontext", "timeout",
+                  "threaded", "fsync", "plugins", "fast_ino", "noacl", "x-")
 # fuse-overlayfs options that change what cowfs would show: refused, never ignored.
 REFUSED = {"squash_to_root", "squash_to_uid", "squash_to_gid", "static_nlink", "noxattrs"}
 ON_OFF = {"on": True, "off": False}
@@ -31,6 +30,27 @@ ON_OFF = {"on": True, "off": False}
 # redirect_always_follow=Y (the kernel's default) makes it, still follows them.
 REDIRECT_MODES = {"on", "follow", "nofollow", "off"}
 XINO_MODES = {"on", "off", "auto"}
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """One range of fuse-overlayfs' uidmapping=/gidmapping=: the ids FROM..FROM+LEN
+    stored in the layers are the ids TO..TO+LEN the kernel sees (as a line of
+    /proc/PID/uid_map reads: inside, outside, length)."""
+    inside: int
+    outside: int
+    length: int
+
+
+def _id_mapping(key: str, value: str | None) -> tuple[IdRange, ...]:
+    """'0:1000:1:1:100000:65536' -> two IdRanges; triples separated by ':'."""
+    try:
+        nums = [int(n) for n in (value or "").split(":")]
+    except ValueError:
+        nums = []
+    if not nums or len(nums) % 3 or min(nums) < 0 or 0 in nums[2::3]:
+        raise UsageError(f"bad value for {key}: '{value}' (ID:MAPPED-ID:LEN[:ID:MAPPED-ID:LEN...])")
+    return tuple(IdRange(*nums[i:i + 3]) for i in range(0, len(nums), 3))
 
 
 @dataclass
@@ -52,6 +72,10 @@ class MountConfig:
     index: bool = False
     xino: str = "auto"
     fsname: str = "cowfs"
+    # fuse-overlayfs' dynamic id mapping; parsed and checked, not applied yet
+    # (podman already id-maps the lowers it passes them with, see README)
+    uidmapping: tuple[IdRange, ...] = ()
+    gidmapping: tuple[IdRange, ...] = ()
 
     @property
     def layer_paths(self) -> list[str]:
@@ -162,6 +186,10 @@ def parse_mount_options(opts: list[str], mountpoint: str) -> MountConfig:
             cfg.xino = value
         elif key == "userxattr" and value is None:
             cfg.userxattr = True
+        elif key == "uidmapping":
+            cfg.uidmapping = _id_mapping(key, value)
+        elif key == "gidmapping":
+            cfg.gidmapping = _id_mapping(key, value)
         elif key == "fsname" and value:
             cfg.fsname = _unescape(value)
         elif key in REFUSED:
