@@ -110,8 +110,9 @@ def test_id_mappings_parse_as_fuse_overlayfs_takes_them():
 
 
 def test_index_xino_and_the_rest():
-    cfg = _cfg("lowerdir=/l,index=on,xino=off")
+    cfg = _cfg("lowerdir=/l,upperdir=/u,workdir=/w,index=on,xino=off")
     assert cfg.index and cfg.xino == "off"
+    assert not _cfg("lowerdir=/l,index=on").index   # useless without an upper: off
     assert not _cfg("lowerdir=/l").index
 
 

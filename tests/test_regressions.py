@@ -417,3 +417,19 @@ def test_upper_oci_whiteout_and_opaque_marker(tmp_path: Path) -> None:
         (m / "x").write_bytes(b"new\n")      # created over the whiteout
         assert sorted(os.listdir(m)) == ["d", "x", "y"] and not (up / ".wh.x").exists()
         assert (m / "x").read_bytes() == b"new\n"
+
+
+@pytest.mark.parametrize("mode", ["follow", "off"])
+def test_redirect_dir_follow_reads_the_kernels_renamed_dirs(tmp_path: Path, mode: str) -> None:
+    # redirect_dir=follow once turned following off: a kernel-written upper
+    # mounted so showed every renamed directory empty.
+    with od.Pair([L({"a": E("dir"), "a/f": _file()})]) as p:
+        p.do("rename a b", od.op_rename("a", "b"))
+        p.stack.close()   # unmount both: the kernel's upper is cowfs' alone now
+        _, lowers, base, _ = p.mounts[0]
+        work, mnt = tmp_path / "work", tmp_path / "mnt"
+        work.mkdir()
+        with cowfs_mount(lowers, base / "upper", work, mnt, f"redirect_dir={mode}") as c:
+            assert os.listdir(c / "b") == ["f"] and not os.path.lexists(c / "a")
+            # following is not writing: renaming a lower directory is EXDEV
+            assert od.attempt(lambda: os.rename(c / "b", c / "c")) == ("err", "EXDEV")

@@ -216,6 +216,7 @@ async def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
         os.close(src)
     _install(ov, node, tmp)
     node.lower_layer = None
+    node.redirect = None
 
 
 def _copy_up_meta(ov: Overlay, node: Node) -> None:

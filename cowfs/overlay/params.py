@@ -220,8 +220,10 @@ def _resolve(cfg: MountConfig, set_metacopy: bool, set_redirect: bool) -> None:
     """The kernel's cross-checks (ovl_fs_params_verify): metacopy needs
     redirect_dir=on, data-only layers need metacopy, userxattr turns redirects
     and metacopy off; a contradiction given explicitly is an error."""
-    if cfg.upperdir is None and cfg.redirect_dir == "follow":
-        cfg.redirect_dir = "on"   # the same for a mount that writes nothing
+    if cfg.upperdir is None:
+        cfg.index = False         # nothing to index without an upper layer
+        if cfg.redirect_dir == "follow":
+            cfg.redirect_dir = "on"   # the same for a mount that writes nothing
     if cfg.metacopy and cfg.redirect_dir != "on":
         if set_metacopy and set_redirect:
             raise UsageError(f"conflicting options: metacopy=on,redirect_dir={cfg.redirect_dir}")
