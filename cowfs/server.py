@@ -25,7 +25,7 @@ from .overlay import dir as dir_ops
 from .overlay import file, inode, xattrs
 from .overlay.inode import ATTR_IOCTLS
 from .overlay.inodes import Node
-from .overlay.namei import lookup
+from .overlay.namei import lookup, lookup_listed
 from .overlay.readdir import merged_names
 
 log = logging.getLogger("cowfs")
@@ -328,7 +328,7 @@ class OverlayServer(Operations):
                 n = d.node if i == 0 else (d.node.parent or d.node)
                 yield DirEntry(name, n.ino, stat.S_IFDIR >> 12, i + 1)
                 continue
-            child = lookup(self.ov, d.node, name)
+            child = lookup_listed(self.ov, d.node, name)
             if child is None:
                 continue
             if plus:

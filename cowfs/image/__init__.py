@@ -8,7 +8,7 @@
     cowfs commit MNT|UPPER -o LAYER.tar[.gz|.zst] [--image DIR:TAG]
 
 Modules: oci (reading images, digest checks), unpack (safe tar extraction),
-store (the content-addressed layer store), ovlformat and merged (the overlay
-on-disk format and a merged view of a layer stack), changes (diff), commit
+store (the content-addressed layer store), merged (a merged view of a layer
+stack, by the on-disk format of cowfs.overlay.format), changes (diff), commit
 (layer tarballs and OCI layouts), cli (the subcommands).
 """

@@ -25,10 +25,10 @@ from typing import BinaryIO
 import zstandard
 
 from .errors import ImageError
-from .merged import Entry, Parts, Source, Stack, close_sources, list_merged, redirect_path
+from .merged import Entry, Parts, Source, Stack, close_sources, list_merged
 from .oci import (ARCHIVE_MEMBER, MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST, REF_NAME,
                   check_digest, sha256_digest, split_ref)
-from .ovlformat import OPAQUE_MARKER, WH_PREFIX, is_metacopy, is_opaque, redirect, user_xattrs
+from ..overlay.format import OPAQUE_MARKER, WH_PREFIX, dir_marks, public_xattrs
 from .store import now_iso, write_json_atomic
 
 COPY_CHUNK = 1 << 20
@@ -148,8 +148,8 @@ class Committer:
     def _dir(self, path: Parts, new_src: list[Source], old_src: list[Source],
              full: bool) -> None:
         """full: the layer must carry the whole directory (it is new, opaque or moved)."""
-        new = list_merged(new_src)
-        old = {} if full else list_merged(old_src)
+        new = list_merged(new_src, self.stack.fmt)
+        old = {} if full else list_merged(old_src, self.stack.fmt)
         for name in sorted(old.keys() - new.keys()):
             self.writer.marker(path + (WH_PREFIX + name,))
         for name in sorted(new):
@@ -165,8 +165,8 @@ class Committer:
                 nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                               dir_fd=n.dir_fd)
                 try:
-                    sub_full = is_opaque(n.dir_fd, name, nfd) or \
-                        redirect_path(path, redirect(n.dir_fd, name)) is not None
+                    sub_full = dir_marks(self.stack.fmt, nfd).opaque or \
+                        self.stack.redirect(n.layer, n.dir_fd, p) is not None
                 finally:
                     os.close(nfd)
                 if sub_full:
@@ -186,7 +186,7 @@ class Committer:
         ti.uname = ti.gname = ""
         ti.mtime = st.st_mtime_ns // 10**9
         ti.pax_headers = {"mtime": f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"}
-        for k, v in user_xattrs(e.dir_fd, e.name).items():
+        for k, v in public_xattrs(e.dir_fd, e.name).items():
             ti.pax_headers["SCHILY.xattr." + k] = v.decode("utf-8", "surrogateescape")
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in self.links:
@@ -224,13 +224,10 @@ class Committer:
         """The file holding e's data: e itself, or for a metacopy upper file the
         lower file it names by overlay.redirect (or the same path below)."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        if e.layer != 0 or not is_metacopy(e.dir_fd, e.name):
-            return os.open(e.name, flags, dir_fd=e.dir_fd)
-        data_path = redirect_path(p[:-1], redirect(e.dir_fd, e.name)) or p
-        found = self.stack.lookup(data_path, first=1)
+        found = self.stack.data_entry(p, e)
         if found is None:
             raise ImageError(f"{os.fsdecode(b'/'.join(p))}: metacopy file whose data "
-                             f"({os.fsdecode(b'/'.join(data_path))}) is in no lower layer")
+                             "is in no lower layer")
         lower, sources = found
         try:
             return os.open(lower.name, flags, dir_fd=lower.dir_fd)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from ..overlay.layers import DIR_FLAGS, lstat_or_none, xattr_path
 from .errors import ImageError
 from .merged import Stack, close_sources
-from .ovlformat import OPAQUE_MARKER, WH_PREFIX, is_hidden_marker, is_overlay_xattr, user_xattrs
+from ..overlay.format import (OPAQUE_MARKER, WH_PREFIX, Kind, default_format, is_private_xattr,
+                              oci_form, public_xattrs)
 
 Parts = tuple[bytes, ...]
 COPY_CHUNK = 1 << 20
@@ -211,18 +212,19 @@ class Unpacker:
                 return False
             fd = self._dir(parts[:-1], True, shown)
             try:
-                os.setxattr(fd, "trusted.overlay.opaque", b"y")
+                os.setxattr(fd, default_format().xattr("opaque"), b"y")
             finally:
                 os.close(fd)
             return True
-        if is_hidden_marker(name):
+        form = oci_form(name)
+        if form is None or form.kind is Kind.MARKER:
             self.warn(f"skipped AUFS metadata entry {m.name!r}")
             return True
         if not self.overlay_whiteouts:
             return False
         pfd = self._dir(parts[:-1], True, shown)
         try:
-            target = parts[:-1] + (name[len(WH_PREFIX):],)
+            target = parts[:-1] + (form.target,)
             self._remove(pfd, target, keep_dir=False)
             os.mknod(target[-1], stat.S_IFCHR, 0, dir_fd=pfd)
         finally:
@@ -328,7 +330,7 @@ class Unpacker:
     def _set_xattrs(self, pfd: int, name: bytes | None, m: tarfile.TarInfo) -> None:
         path: int | bytes = pfd if name is None else xattr_path(pfd, name)
         for key, value in tar_xattrs(m).items():
-            if is_overlay_xattr(key):
+            if is_private_xattr(key):
                 self.warn(f"dropped overlay xattr {key} of {m.name!r} (not image content)")
                 continue
             self._setxattr(path, key, value)
@@ -371,11 +373,11 @@ class Unpacker:
             try:
                 if not stat.S_ISDIR(entry.st.st_mode):
                     return
-                st, xattrs = entry.st, user_xattrs(entry.dir_fd, entry.name)
+                st, xattrs = entry.st, public_xattrs(entry.dir_fd, entry.name)
             finally:
                 close_sources(sources)
         else:
-            st, xattrs = os.fstat(self.below.fds[0]), user_xattrs(self.below.fds[0], b".")
+            st, xattrs = os.fstat(self.below.fds[0]), public_xattrs(self.below.fds[0], b".")
         if self.privileged:
             os.fchown(fd, st.st_uid, st.st_gid)
         os.fchmod(fd, stat.S_IMODE(st.st_mode))

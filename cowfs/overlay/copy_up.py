@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 
 from .inodes import Node
-from .layers import (FS_APPEND_FL, entry_xattrs, inode_flags, lstat_at, lstat_or_none,
-                     open_file_at, renameat2, set_inode_flags, walk_dirs)
-from .format import NO_XATTR, is_private_xattr, private_xattr_name
+from .layers import (FS_APPEND_FL, inode_flags, lstat_at, lstat_or_none, open_file_at,
+                     renameat2, set_inode_flags, walk_dirs)
+from .format import NO_XATTR, public_xattrs
 
 if TYPE_CHECKING:
     from .super import Overlay
@@ -94,12 +94,6 @@ def _copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
                  follow_symlinks=False)
 
 
-def _public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
-    # Overlay-private xattrs belong to their layer (an opaque mark of a lower dir
-    # must not make the upper copy hide that very lower dir).
-    return {k: v for k, v in entry_xattrs(dir_fd, name).items() if not is_private_xattr(k)}
-
-
 def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     """Rename the finished copy into place and make node an upper node."""
     assert node.parent is not None
@@ -138,7 +132,7 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     ensure_upper_dir(ov, node.parent)
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
-    xattrs = _public_xattrs(src_fd, node.name)
+    xattrs = public_xattrs(src_fd, node.name)
     tmp = ov.tmp_name()
     os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
     _copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
@@ -186,7 +180,7 @@ def _copy_up_special(ov: Overlay, node: Node) -> None:
         os.symlink(os.readlink(node.name, dir_fd=src_fd), tmp, dir_fd=ov.work_fd)
     else:
         os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ov.work_fd)
-    _copy_meta(ov, st, _public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
+    _copy_meta(ov, st, public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
     _install(ov, node, tmp)
     node.lower_layer = None
 
@@ -199,10 +193,11 @@ def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
 def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     assert node.parent is not None
     src_dir = ov.table.dir_fd(node.parent, node.layer)
-    src = open_file_at(src_dir, node.name, os.O_RDONLY)
+    # A lower metacopy file's data is further down (open_lower_data finds it).
+    src = open_lower_data(ov, node)
     try:
-        st = os.fstat(src)
-        xattrs = _public_xattrs(src_dir, node.name)
+        st = lstat_at(src_dir, node.name)
+        xattrs = public_xattrs(src_dir, node.name)
         tmp, dst = _new_tmp_file(ov)
         try:
             if not truncate:
@@ -216,6 +211,7 @@ def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
         os.close(src)
     _install(ov, node, tmp)
     node.lower_layer = None
+    node.redirect = None
 
 
 def _copy_up_meta(ov: Overlay, node: Node) -> None:
@@ -226,8 +222,8 @@ def _copy_up_meta(ov: Overlay, node: Node) -> None:
     tmp, dst = _new_tmp_file(ov)
     try:
         os.ftruncate(dst, st.st_size)
-        os.setxattr(dst, private_xattr_name(ov.euid, "metacopy"), b"")
-        _copy_meta(ov, st, _public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
+        os.setxattr(dst, ov.fmt.xattr("metacopy"), b"")
+        _copy_meta(ov, st, public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
     finally:
         os.close(dst)
     _install(ov, node, tmp)
@@ -251,11 +247,11 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             if not ov.volatile:
                 ov.unlocked(os.fsync, dst)
-            os.removexattr(dst, private_xattr_name(ov.euid, "metacopy"))
+            os.removexattr(dst, ov.fmt.xattr("metacopy"))
             if node.redirect is not None:
                 # The kernel's redirect of a metacopy file has served its purpose.
                 try:
-                    os.removexattr(dst, private_xattr_name(ov.euid, "redirect"))
+                    os.removexattr(dst, ov.fmt.xattr("redirect"))
                 except OSError as e:
                     if e.errno not in NO_XATTR:
                         raise

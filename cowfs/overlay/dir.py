@@ -20,30 +20,27 @@ from .inode import upper_dir_fd, upper_ref
 from .inodes import Node
 from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_at,
                      lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
-from .namei import lookup, lower_entry, lower_path
+from .format import (NAME_MAX, WH_PREFIX, has_oci_whiteout, is_reserved_name, is_whiteout_stat,
+                     whited_out_at)
+from .namei import freeze_paths, lookup, lower_entry, lower_path
 from .readdir import merged_names
-from .format import WH_PREFIX, is_whiteout_stat, private_xattr_name
 
 if TYPE_CHECKING:
     from .super import Overlay
 
-NAME_MAX = 255
 SHARED_WHITEOUT = b"whiteout"
 
 
 def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long")
-    if name.startswith(WH_PREFIX):
+    if is_reserved_name(name):
         raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
 
 
 def _whited_out(ov: Overlay, ufd: int, name: bytes) -> bool:
     """Is there a whiteout at name in the upper directory ufd?"""
-    st = lstat_or_none(ufd, name)
-    if st is not None:
-        return is_whiteout_stat(st)
-    return ov.wh_fallback and lstat_or_none(ufd, WH_PREFIX + name) is not None
+    return whited_out_at(ov.fmt, ufd, name)
 
 
 def _prepare_new(ov: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
@@ -80,7 +77,7 @@ def _place(ov: Overlay, ufd: int, name: bytes, covered: bool, make) -> None:
         return
     tmp = ov.tmp_name()
     make(ov.work_fd, tmp)
-    if ov.wh_fallback and lstat_or_none(ufd, name) is None:
+    if lstat_or_none(ufd, name) is None:   # the whiteout is .wh.NAME
         os.rename(tmp, name, src_dir_fd=ov.work_fd, dst_dir_fd=ufd)
         os.unlink(WH_PREFIX + name, dir_fd=ufd)
     else:
@@ -125,7 +122,7 @@ def mkdir(ov: Overlay, parent: Node, name: bytes, mode: int, uid: int, gid: int)
         os.mkdir(n, stat.S_IMODE(mode), dir_fd=dfd)
         os.chown(n, *owner, dir_fd=dfd, follow_symlinks=False)
         if opaque:
-            os.setxattr(xattr_path(dfd, n), private_xattr_name(ov.euid, "opaque"), b"y",
+            os.setxattr(xattr_path(dfd, n), ov.fmt.xattr("opaque"), b"y",
                         follow_symlinks=False)
 
     _place(ov, ufd, name, covered, make)
@@ -390,16 +387,17 @@ def _set_redirect(ov: Overlay, node: Node, same_parent: bool) -> None:
     """A moved directory with lower parts records where they are: by its old name
     when it stays in its parent, else by absolute path (as overlayfs writes it)."""
     comps = lower_path(node)
+    freeze_paths(node)
     value = comps[-1] if same_parent and node.redirect is None else b"/" + b"/".join(comps)
     dfd, name = _self_ref(ov, node)
-    os.setxattr(xattr_path(dfd, name), private_xattr_name(ov.euid, "redirect"),
+    os.setxattr(xattr_path(dfd, name), ov.fmt.xattr("redirect"),
                 value, follow_symlinks=False)
     node.redirect = comps
 
 
 def _set_opaque(ov: Overlay, node: Node) -> None:
     dfd, name = _self_ref(ov, node)
-    os.setxattr(xattr_path(dfd, name), private_xattr_name(ov.euid, "opaque"), b"y",
+    os.setxattr(xattr_path(dfd, name), ov.fmt.xattr("opaque"), b"y",
                 follow_symlinks=False)
 
 
@@ -495,7 +493,7 @@ def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
         if not leave_whiteout:
             os.unlink(old, dir_fd=ofd)
         return
-    if ov.wh_fallback and lstat_or_none(nfd, WH_PREFIX + new) is not None:
+    if has_oci_whiteout(nfd, new):
         os.unlink(WH_PREFIX + new, dir_fd=nfd)
     if leave_whiteout and _rename_whiteout(ov, ofd, old, nfd, new):
         return

@@ -84,14 +84,6 @@ def xattr_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
-def entry_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
-    """All xattrs of one entry, without following it."""
-    path = xattr_path(dir_fd, name)
-    return {n: os.getxattr(path, n, follow_symlinks=False)
-            for n in os.listxattr(path, follow_symlinks=False)}
-
-
-
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4

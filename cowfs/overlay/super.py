@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 
+from .format import Format
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
 from .layers import DIR_FLAGS, Layer, make_whiteout
 from .params import MountConfig
@@ -37,11 +38,18 @@ class Overlay:
         self.layers: list[Layer | None] = [Layer(0, cfg.upperdir, True) if cfg.upperdir else None]
         self.layers += [Layer(i + 1, p, False) for i, p in enumerate(cfg.lowerdirs)]
         self.lower_indexes = tuple(range(1, len(self.layers)))
+        # Data-only layers (lowerdir=a:b::data) merge into no directory: only a
+        # metacopy file's absolute redirect reaches them.
+        self.merge_lowers = self.lower_indexes[:len(self.lower_indexes) - cfg.data_layers]
+        self.data_lowers = self.lower_indexes[len(self.merge_lowers):]
+        self.bottom_layer = self.merge_lowers[-1]
+        self.fmt = Format.for_mount(cfg.userxattr)
+        self.follow_redirects = cfg.follow_redirects
         self.upper = self.layers[0]
         self.read_only = cfg.read_only or self.upper is None
         self.volatile = cfg.volatile
         self.metacopy = cfg.metacopy
-        self.redirect_dir = cfg.redirect_dir
+        self.redirect_dir = cfg.redirect_dir == "on"
         self.euid = os.geteuid()
         self.numbers = InodeNumbers()
         # Keep half the fd limit for open files; the rest may cache directory fds.
@@ -59,7 +67,7 @@ class Overlay:
         top = 0 if self.upper else 1
         root_st = os.fstat(self.layers[top].fd)
         self.root = Node(ROOT_INO, None, b"", root_st.st_mode, top, None,
-                         tuple(i for i, layer in enumerate(self.layers) if layer))
+                         (0,) * (self.upper is not None) + self.merge_lowers)
         self.numbers.keep(root_st, ROOT_INO)
         self.table.add(self.root)
         # Does whoever serves the overlay still hold node (the kernel's lookup
