@@ -15,7 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .overlay.params import UsageError, parse_mount_options, validate
 
-SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit"}
+SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit",
+               "trace", "stats", "explain", "which", "watch", "lesson"}
 
 
 def _version() -> str:
@@ -111,7 +112,9 @@ def _command_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from .image.cli import add_commands  # only subcommands pay for importing it
+    from .teach.cli import add_commands as add_teach_commands
     add_commands(sub)
+    add_teach_commands(sub)
     return p
 
 

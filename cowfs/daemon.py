@@ -9,6 +9,7 @@ import sys
 import pyfuse3
 import trio
 
+from . import control
 from .fuse_ops import CowfsOperations
 from .overlay.params import MountConfig
 from .overlay import Overlay
@@ -47,6 +48,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         overlay = Overlay(cfg)
         ops = CowfsOperations(overlay)
         record_mount(cfg)
+        ctl = control.start(overlay, cfg)
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except Exception as e:  # reported to the waiting parent, then exit
         msg = f"cowfs: cannot mount {cfg.mountpoint}: {e}"
@@ -67,6 +69,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         raise
     finally:
         # After umount(8) the session is already gone; close() copes with both.
+        ctl.close()
         pyfuse3.close(unmount=True)
         overlay.close()
         forget_mount(cfg.mountpoint)

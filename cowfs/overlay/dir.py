@@ -21,7 +21,7 @@ from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_a
                      lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
 from .namei import lookup, lower_entry, lower_path
 from .readdir import merged_names
-from .format import WH_PREFIX, is_whiteout_stat, private_xattr_name
+from .format import WH_PREFIX, is_whiteout_stat, overlay_xattr, private_xattr_name
 
 if TYPE_CHECKING:
     from .super import Overlay
@@ -90,6 +90,7 @@ def _new_node(ov: Overlay, parent: Node, name: bytes) -> Node:
     node = lookup(ov, parent, name)
     if node is None:
         raise OSError(errno.EIO, "created entry vanished")
+    ov.events.created(node)
     return node
 
 
@@ -126,6 +127,7 @@ def mkdir(ov: Overlay, parent: Node, name: bytes, mode: int, uid: int, gid: int)
         if opaque:
             os.setxattr(xattr_path(dfd, n), private_xattr_name(ov.euid, "opaque"), b"y",
                         follow_symlinks=False)
+            ov.events.opaque(parent, name)
 
     _place(ov, ufd, name, covered, make)
     return _new_node(ov, parent, name)
@@ -266,6 +268,8 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
         _whiteout(ov, ufd, name)
         if node.layer == 0 and node.extra_links:
             node.extra_links -= 1   # a lower-only name of a copied-up hard link
+    if in_lower or st is None:   # every branch above left a whiteout then
+        ov.events.whiteout(parent, name)
     _detach(node, parent, name)
 
 
@@ -289,11 +293,13 @@ def _orphan(ov: Overlay, node: Node, ufd: int, name: bytes, leave_whiteout: bool
     tmp = b"#orphan-%d" % node.ino
     if leave_whiteout and _rename_whiteout(ov, ufd, name, ov.work_fd, tmp):
         node.orphan = tmp
+        ov.events.orphan(node, kept=True)
         return
     os.rename(name, tmp, src_dir_fd=ufd, dst_dir_fd=ov.work_fd)
     if leave_whiteout:
         _whiteout(ov, ufd, name)
     node.orphan = tmp
+    ov.events.orphan(node, kept=True)
 
 
 def _rename_whiteout(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes) -> bool:
@@ -344,6 +350,8 @@ def rmdir(ov: Overlay, parent: Node, name: bytes) -> None:
         _clear_upper_dir(ov, tmp)
     else:
         _whiteout(ov, ufd, name)
+    if in_lower or node.layer != 0:   # both branches above left a whiteout then
+        ov.events.whiteout(parent, name)
     _detach(node, parent, name)
     ov.table.close_fds(node)
 
@@ -440,10 +448,25 @@ async def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Nod
             os.rename(new_name, tmp, src_dir_fd=nfd, dst_dir_fd=ov.work_fd)
             _clear_upper_dir(ov, tmp)
         _move(ov, ofd, old_name, nfd, new_name, src_lower)
+        if src_lower:
+            ov.events.whiteout(old_parent, old_name)
         if dst is not None:
             _detach(dst, new_parent, new_name)
             ov.table.close_fds(dst)
     _moved(src, old_parent, old_name, new_parent, new_name)
+    if src.is_dir and moves:
+        _report_moved_dir(ov, src, nfd, new_name)
+
+
+def _report_moved_dir(ov: Overlay, node: Node, nfd: int, name: bytes) -> None:
+    """Report the mark _prepare_moved_dir gave a moved directory, now that it is
+    at its new name."""
+    path = xattr_path(nfd, name)
+    value = overlay_xattr(path, "redirect")
+    if value is not None:
+        ov.events.redirect(node, value)
+    elif overlay_xattr(path, "opaque") == b"y" and not any(k != 0 for k in node.layers):
+        ov.events.opaque(node.parent, node.name)
 
 
 def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,

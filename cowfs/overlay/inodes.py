@@ -129,6 +129,7 @@ class InodeTable:
                 self.ov.numbers.forget(os.stat(node.orphan, dir_fd=self.ov.work_fd,
                                                follow_symlinks=False))
                 os.unlink(node.orphan, dir_fd=self.ov.work_fd)
+                self.ov.events.orphan(node, kept=False)
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The fd of node's directory in one layer, opened without following links."""

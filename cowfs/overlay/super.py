@@ -14,6 +14,7 @@ import shutil
 
 import trio
 
+from .events import EventBus
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
 from .layers import DIR_FLAGS, Layer
 from .params import MountConfig
@@ -24,6 +25,7 @@ WORK_SUBDIR = "work"
 class Overlay:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
+        self.events = EventBus()
         # Modes arrive with the caller's umask applied by the kernel; the daemon's
         # own umask must not strip them a second time.
         os.umask(0)
