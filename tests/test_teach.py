@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.overlay.events import COPY_UP, OPAQUE, REDIRECT, WHITEOUT, Event, EventBus
-from cowfs.teach.client import MountRecord, mount_record, request, subscribe
+from cowfs.teach.client import EventCollector, MountRecord, mount_record, request
 from cowfs.teach.explain import Explainer, split_path
 
 from .imageutil import write_layout
@@ -77,34 +77,10 @@ def example_mount(tmp_path: Path) -> Iterator[Path]:
         yield m
 
 
-class Listener:
-    """Collects a mount's events in a thread, from the moment it is subscribed."""
-
+class Listener(EventCollector):
     def __init__(self, mnt: Path) -> None:
         self.rec = mount_record(str(mnt))
-        self.events: list[Event] = []
-        self._ready = threading.Event()
-        self._stream = subscribe(self.rec)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10), "never subscribed"
-
-    def _run(self) -> None:
-        for msg in self._stream:
-            if "subscribed" in msg:
-                self._ready.set()
-            elif "event" in msg:
-                self.events.append(Event.from_json(msg["event"]))
-            else:
-                raise AssertionError(f"unexpected {msg}")
-
-    def settle(self, kind: str, path: str, timeout: float = 10) -> list[Event]:
-        """The events so far, once one of kind at path has arrived."""
-        deadline = time.monotonic() + timeout
-        while not any(e.kind == kind and e.path == path for e in self.events):
-            assert time.monotonic() < deadline, f"no {kind} {path} in {self.events}"
-            time.sleep(0.02)
-        return list(self.events)
+        super().__init__(self.rec)
 
 
 def test_parallel_writers_of_one_lower_file_make_one_copy_up(example_mount: Path):
@@ -128,7 +104,7 @@ def test_parallel_writers_of_one_lower_file_make_one_copy_up(example_mount: Path
     assert not errors
     # a marker after the writes: every event of the writes is in by then
     (example_mount / "marker").write_text("")
-    events = listener.settle("create", "/marker")
+    events = listener.wait_for("create", "/marker")
     ups = [e for e in events if e.kind == COPY_UP and e.path == "/etc/hosts"]
     assert len(ups) == 1
     assert ups[0].layer == 3 and ups[0].bytes == len((LOWERS[2] / "etc/hosts").read_bytes())
@@ -150,7 +126,7 @@ def test_a_whiteout_event_per_deleted_lower_name(example_mount: Path):
     (m / "opt/app").mkdir()                         # replaced: opaque
     (m / "usr/share/doc").rename(m / "usr/share/docs")        # moved: redirect
     (m / "marker").write_text("")
-    events = listener.settle("create", "/marker")
+    events = listener.wait_for("create", "/marker")
     whiteouts = sorted(e.path for e in events if e.kind == WHITEOUT)
     assert whiteouts == sorted(["/bin/hello", "/etc/hostname", "/etc/os-release",
                                 "/opt/app/run.sh", "/opt/app/start", "/opt/app",
@@ -165,7 +141,7 @@ def test_a_whiteout_event_per_deleted_lower_name(example_mount: Path):
 def test_metadata_only_copy_up_event(example_mount: Path):
     listener = Listener(example_mount)
     os.chmod(example_mount / "etc/passwd", 0o600)
-    ev = [e for e in listener.settle(COPY_UP, "/etc/passwd") if e.path == "/etc/passwd"]
+    ev = [e for e in listener.wait_for(COPY_UP, "/etc/passwd") if e.path == "/etc/passwd"]
     assert len(ev) == 1 and ev[0].metadata_only and ev[0].bytes == 0
 
 
@@ -370,3 +346,87 @@ def test_split_path():
 def test_record_names_the_socket(example_mount: Path):
     rec: MountRecord = mount_record(str(example_mount))
     assert request(rec, "info")["upperdir"] == rec.upperdir
+
+
+# -- the full-screen view and the lesson, driven as a person would, in tmux ----------
+
+class Tmux:
+    def __init__(self, tmp_path: Path) -> None:
+        self.base = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+
+    def __call__(self, *args: str) -> str:
+        return subprocess.run([*self.base, *args], check=True, capture_output=True,
+                              text=True).stdout
+
+    def screen(self, pane: str) -> str:
+        return self("capture-pane", "-p", "-t", pane)
+
+    def wait_for(self, pane: str, *texts: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen(pane)
+            if all(t in screen for t in texts):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{texts} not on the screen:\n{screen}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        subprocess.run([*self.base, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (scripts/setup installs it)")
+    t = Tmux(tmp_path)
+    try:
+        yield t
+    finally:
+        t.kill()
+
+
+def _cowfs_cmd() -> str:
+    return " ".join([*COWFS])
+
+
+def test_watch_shows_the_layers_and_a_write_from_another_pane(example_mount: Path,
+                                                             tmux: Tmux):
+    tmux("new-session", "-d", "-x", "80", "-y", "24", "-s", "class",
+         f"{_cowfs_cmd()} watch {example_mount}")
+    tmux("set-option", "-t", "class", "remain-on-exit", "on")
+    tmux.wait_for("class:0.0", "lower 3", "1-base", "lower 1", "3-update", "waiting for a change")
+    tmux("split-window", "-d", "-t", "class:0", "-v", "bash --norc")
+    tmux("send-keys", "-t", "class:0.1", f"echo 10.0.0.9 pupil >> {example_mount}/etc/hosts",
+         "Enter")
+    # the view's pane is half as high now: it still shows every layer and the event
+    tmux.wait_for("class:0.0", "copy-up", "/etc/hosts", "from lower 3", "upper", "1-base",
+                  "2-app", "3-update", "hosts")
+    tmux("send-keys", "-t", "class:0.0", "q")
+    deadline = time.monotonic() + 10
+    while tmux("display-message", "-p", "-t", "class:0.0", "#{pane_dead}").strip() != "1":
+        assert time.monotonic() < deadline, "q did not end the view"
+        time.sleep(0.1)
+
+
+def test_lesson_steps_with_pause(tmp_path: Path, tmux: Tmux):
+    tmux("new-session", "-d", "-x", "100", "-y", "50", "-s", "lesson",
+         f"TMPDIR={tmp_path} {_cowfs_cmd()} lesson --pause; sleep 30")
+    try:
+        tmux.wait_for("lesson", "1/9", "Layers, stacked read-only", "Enter: next step")
+        tmux("send-keys", "-t", "lesson", "Enter")
+        tmux.wait_for("lesson", "2/9", "served by lower 2")
+        tmux("send-keys", "-t", "lesson", "Enter")
+        screen = tmux.wait_for("lesson", "3/9", "copy-up", "/etc/hosts  from lower 3",
+                               "+ /etc/hosts  file")
+        assert "4/9" not in screen   # it waits
+        for _ in range(6):
+            tmux("send-keys", "-t", "lesson", "Enter")
+            time.sleep(0.3)
+        tmux.wait_for("lesson", "9/9", "Unmounted", timeout=60)
+    finally:
+        tmux.kill()
+        for mnt in tmp_path.glob("cowfs-lesson-*/merged"):
+            from .mountutil import unmount
+            unmount(mnt)
+    assert not list(tmp_path.glob("cowfs-lesson-*"))

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..overlay.events import Event
 from ..overlay.params import UsageError
 from ..state import find_mount
 
@@ -94,3 +97,40 @@ def subscribe(rec: MountRecord) -> Iterator[dict]:
         yield from _lines(sock)
     finally:
         sock.close()
+
+
+class EventCollector:
+    """A mount's events, gathered by a thread from the moment it is subscribed."""
+
+    def __init__(self, rec: MountRecord, timeout: float = 10) -> None:
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stream = subscribe(rec)
+        threading.Thread(target=self._run, daemon=True).start()
+        if not self._ready.wait(timeout):
+            raise ControlError(f"the daemon of {rec.mountpoint} did not answer")
+
+    def _run(self) -> None:
+        for msg in self._stream:
+            if "subscribed" in msg:
+                self._ready.set()
+            elif "event" in msg:
+                with self._lock:
+                    self.events.append(Event.from_json(msg["event"]))
+
+    def wait_for(self, kind: str, path: str, timeout: float = 10) -> list[Event]:
+        """Every event so far, once one of kind at path is among them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if any(e.kind == kind and e.path == path for e in self.events):
+                    return list(self.events)
+            if time.monotonic() > deadline:
+                raise ControlError(f"no {kind} event for {path}")
+            time.sleep(0.02)
+
+    def drain(self) -> list[Event]:
+        with self._lock:
+            out, self.events = self.events, []
+        return out
