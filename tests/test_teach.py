@@ -145,6 +145,19 @@ def test_metadata_only_copy_up_event(example_mount: Path):
     assert len(ev) == 1 and ev[0].metadata_only and ev[0].bytes == 0
 
 
+def test_orphan_events_for_a_file_deleted_while_open(example_mount: Path):
+    listener = Listener(example_mount)
+    path = example_mount / "etc/scratch"
+    with open(path, "w") as f:
+        f.write("still here")
+        path.unlink()
+        listener.wait_for("orphan-kept", "/etc/scratch")
+        f.write(" after the delete")
+    # the kernel forgets the inode after the last close: the orphan goes
+    listener.wait_for("orphan-deleted", "/etc/scratch")
+    assert [e.path for e in listener.events if e.kind == WHITEOUT] == []
+
+
 def _as_nobody(code: str) -> subprocess.CompletedProcess:
     prog = f"import os, socket, sys\nos.setgid(65534)\nos.setuid(65534)\n{code}"
     return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
