@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -37,6 +38,7 @@ log = logging.getLogger("cowfs")
 MAX_REQUEST = 4096
 POLL_SECONDS = 0.5
 QUEUE_SIZE = 4096
+CLIENT_TIMEOUT = 30.0
 
 
 @dataclass
@@ -147,6 +149,8 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         with self._lock:
             self._conns.add(conn)
+        # A client that neither asks nor reads (for this long) is let go.
+        conn.settimeout(CLIENT_TIMEOUT)
         try:
             uid = peer_uid(conn)
             if uid not in (self.owner, 0):
@@ -209,10 +213,9 @@ class ControlServer:
 
 
 def _hung_up(conn: socket.socket) -> bool:
-    try:
-        return conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
+    """Has a subscriber closed its end? (It sends nothing after its request.)"""
+    readable, _, _ = select.select([conn], [], [], 0)
+    return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
 
 
 def start(overlay: Overlay, cfg: MountConfig) -> ControlServer:

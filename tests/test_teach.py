@@ -203,6 +203,12 @@ def test_trace_json_lines_parse(example_mount: Path):
     kinds = [(m["event"]["kind"], m["event"]["path"]) for m in msgs]
     assert kinds == [(COPY_UP, "/etc"), (COPY_UP, "/etc/hosts"), (COPY_UP, "/bin"),
                      (WHITEOUT, "/bin/hello")]
+    # the daemon lets go of a subscriber that hung up, even with no events to send
+    rec = mount_record(str(example_mount))
+    deadline = time.monotonic() + 10
+    while request(rec, "stats")["listeners"]:
+        assert time.monotonic() < deadline, "the listener outlived its client"
+        time.sleep(0.1)
 
 
 def test_stats_and_trace_name_the_problem_for_a_non_mount(tmp_path: Path):
