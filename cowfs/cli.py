@@ -14,7 +14,8 @@ import sys
 
 from .overlay.params import UsageError, parse_mount_options, validate
 
-SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit"}
+SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit",
+               "trace", "stats", "explain", "which", "watch", "lesson"}
 
 
 class _Version(argparse.Action):
@@ -124,7 +125,9 @@ def _command_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from .image.cli import add_commands  # only subcommands pay for importing it
+    from .teach.cli import add_commands as add_teach_commands
     add_commands(sub)
+    add_teach_commands(sub)
     return p
 
 

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from . import fuse
+from . import control, fuse
 from .overlay import Overlay
 from .overlay.params import MountConfig
 from .server import OverlayServer
@@ -50,6 +50,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         overlay = Overlay(cfg)
         server = OverlayServer(overlay, _passthrough_wanted(cfg))
         record_mount(cfg)
+        ctl = control.start(overlay, cfg)
         fd = fuse.mount(mount_spec(cfg))
         session = fuse.Session(server, fd, fuse.Config(
             entry_timeout=TIMEOUT, attr_timeout=TIMEOUT, negative_timeout=TIMEOUT,
@@ -90,6 +91,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
             # umount the path may already hold someone else's new mount.)
             _unmount(cfg.mountpoint)
         session.stop()
+        ctl.close()
         overlay.close()
         forget_mount(cfg.mountpoint)
     return 0

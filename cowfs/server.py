@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .fuse import NOW, Ctx, DirEntry, Entry, Opened, Operations, Session, SetAttr
-from .fuse.abi import Fopen, Init, dirent_type, pack_attr
+from .fuse.abi import Fopen, Init, Op, dirent_type, pack_attr
 from .overlay import Overlay
 from .overlay import dir as dir_ops
 from .overlay import file, inode, xattrs
@@ -96,6 +96,8 @@ class OverlayServer(Operations):
 
     def attach(self, session: Session) -> None:
         self.session = session
+        self.ov.events.request_counts = lambda: {
+            _op_name(op): n for op, n in list(session.counters.items())}
 
     def init(self, caps: int) -> None:
         self.passthrough = bool(caps & Init.PASSTHROUGH)
@@ -119,6 +121,8 @@ class OverlayServer(Operations):
             # Lower entries never change while mounted: encode them once.
             if node.attr is None:
                 node.attr = self._encode(node)
+            else:
+                self.ov.events.count_cache_hit()
             return node.attr
         return self._encode(node)
 
@@ -232,6 +236,7 @@ class OverlayServer(Operations):
             raise OSError(errno.ESTALE, "file copied up under passthrough readers")
         b.opens += 1
         of.passthrough = True
+        self.ov.events.count_passthrough_open()
         # (no FLUSH requests: nothing is buffered here, and no locks are kept)
         return Opened(fh, Fopen.NOFLUSH, b.id)
 
@@ -371,6 +376,13 @@ class OverlayServer(Operations):
 
     def removexattr(self, v: View, name: bytes, ctx: Ctx) -> None:
         xattrs.removexattr(self.ov, v.node, os.fsdecode(name))
+
+
+def _op_name(opcode: int) -> str:
+    try:
+        return Op(opcode).name.lower()
+    except ValueError:
+        return str(opcode)
 
 
 class _umask:

@@ -1,4 +1,5 @@
-"""Where a live mount records its layers, so `cowfs diff MNT` can find its upper dir."""
+"""Where a live mount records its layers (so `cowfs diff MNT` can find its upper
+dir) and its control socket (so `cowfs trace MNT` can find the daemon)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,9 @@ import os
 
 from .overlay.params import MountConfig
 
-STATE_DIR = "/run/cowfs/mounts" if os.geteuid() == 0 else os.path.join(
-    os.environ.get("XDG_RUNTIME_DIR", f"/tmp/cowfs-{os.getuid()}"), "cowfs", "mounts")
+RUN_DIR = "/run/cowfs" if os.geteuid() == 0 else os.path.join(
+    os.environ.get("XDG_RUNTIME_DIR", f"/tmp/cowfs-{os.getuid()}"), "cowfs")
+STATE_DIR = os.path.join(RUN_DIR, "mounts")
 
 
 def _key(mountpoint: str) -> str:
@@ -16,8 +18,20 @@ def _key(mountpoint: str) -> str:
 
 
 def _state_file(mountpoint: str) -> str:
-    key = _key(mountpoint)
-    return os.path.join(STATE_DIR, key + ".json")
+    return os.path.join(STATE_DIR, _key(mountpoint) + ".json")
+
+
+def control_socket_path(mountpoint: str) -> str:
+    """The mount's control socket (cowfs.control), beside the records."""
+    return os.path.join(RUN_DIR, _key(mountpoint) + ".sock")
+
+
+def make_run_dir() -> None:
+    """RUN_DIR and its records dir, writable by their owner only (the daemon runs
+    with umask 0, so the mode is explicit, for the parents too)."""
+    for d in (os.path.dirname(RUN_DIR), RUN_DIR, STATE_DIR):
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o755, exist_ok=True)
 
 
 def log_path(mountpoint: str) -> str:
@@ -28,10 +42,11 @@ def log_path(mountpoint: str) -> str:
 def record_mount(cfg: MountConfig) -> None:
     """Called before the mount is live: resolving the mountpoint afterwards would
     ask this very daemon, which is not serving yet."""
-    os.makedirs(STATE_DIR, exist_ok=True)
+    make_run_dir()
     data = {"mountpoint": cfg.mountpoint, "lowerdirs": cfg.lowerdirs,
             "upperdir": cfg.upperdir, "workdir": cfg.workdir, "pid": os.getpid(),
-            "log": cfg.log_file or log_path(cfg.mountpoint)}
+            "log": cfg.log_file or log_path(cfg.mountpoint),
+            "control": control_socket_path(cfg.mountpoint)}
     tmp = _state_file(cfg.mountpoint) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)
@@ -39,10 +54,14 @@ def record_mount(cfg: MountConfig) -> None:
 
 
 def forget_mount(mountpoint: str) -> None:
-    try:
-        os.unlink(_state_file(mountpoint))
-    except FileNotFoundError:
-        pass
+    """Remove this daemon's record: a new mount at the same place may have
+    recorded itself while this one was still shutting down."""
+    rec = find_mount(mountpoint)
+    if rec is not None and rec.get("pid") == os.getpid():
+        try:
+            os.unlink(_state_file(mountpoint))
+        except FileNotFoundError:
+            pass
 
 
 def find_mount(mountpoint: str) -> dict | None:

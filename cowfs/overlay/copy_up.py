@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from typing import TYPE_CHECKING
 
 
@@ -130,6 +131,7 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
         return
     assert node.parent is not None
     ensure_upper_dir(ov, node.parent)
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
     xattrs = public_xattrs(src_fd, node.name)
@@ -141,6 +143,7 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     os.utime(node.name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=ov.table.dir_fd(node.parent, 0),
              follow_symlinks=False)
     node.layers = (0,) + node.layers
+    ov.events.copied_up(node, src_layer, 0, False, t0)
 
 
 def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) -> None:
@@ -173,6 +176,7 @@ def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) 
 
 def _copy_up_special(ov: Overlay, node: Node) -> None:
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
     tmp = ov.tmp_name()
@@ -183,6 +187,7 @@ def _copy_up_special(ov: Overlay, node: Node) -> None:
     _copy_meta(ov, st, public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
     _install(ov, node, tmp)
     node.lower_layer = None
+    ov.events.copied_up(node, src_layer, 0, False, t0)
 
 
 def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
@@ -192,6 +197,7 @@ def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
 
 def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_dir = ov.table.dir_fd(node.parent, node.layer)
     # A lower metacopy file's data is further down (open_lower_data finds it).
     src = open_lower_data(ov, node)
@@ -212,11 +218,13 @@ def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     _install(ov, node, tmp)
     node.lower_layer = None
     node.redirect = None
+    ov.events.copied_up(node, src_layer, 0 if truncate else st.st_size, False, t0)
 
 
 def _copy_up_meta(ov: Overlay, node: Node) -> None:
     """A sparse placeholder with the lower file's metadata and a metacopy mark."""
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_dir = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_dir, node.name)
     tmp, dst = _new_tmp_file(ov)
@@ -229,12 +237,14 @@ def _copy_up_meta(ov: Overlay, node: Node) -> None:
     _install(ov, node, tmp)
     node.metacopy = True
     node.lower_layer = node.lower_layer or node.layer
+    ov.events.copied_up(node, src_layer, 0, True, t0)
 
 
 def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     """Fill a metacopy placeholder with its data, then drop the mark: until the
     mark is gone (after fsync), reads still come from the lower file."""
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.lower_layer  # for the copy-up event
     src = open_lower_data(ov, node)
     try:
         dst, append_only = _open_placeholder(ov.table.dir_fd(node.parent, 0), node.name)
@@ -265,6 +275,7 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     node.metacopy = False
     node.lower_layer = None
     node.gen += 1
+    ov.events.copied_up(node, src_layer, 0 if truncate else st.st_size, False, t0)
 
 
 def _open_placeholder(dir_fd: int, name: bytes) -> tuple[int, bool]:

@@ -132,6 +132,7 @@ class InodeTable:
                                            follow_symlinks=False))
             os.unlink(node.orphan, dir_fd=self.ov.work_fd)
             node.orphan = None
+            self.ov.events.orphan(node, kept=False)
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The fd of node's directory in one layer, opened without following links."""

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 
 from .format import Format
+from .events import EventBus
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
 from .layers import DIR_FLAGS, Layer, make_whiteout
 from .params import MountConfig
@@ -29,6 +30,7 @@ T = TypeVar("T")
 class Overlay:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
+        self.events = EventBus()
         # Modes arrive with the caller's umask applied by the kernel; the daemon's
         # own umask must not strip them a second time.
         os.umask(0)
