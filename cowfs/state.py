@@ -32,6 +32,9 @@ def make_run_dir() -> None:
     for d in (os.path.dirname(RUN_DIR), RUN_DIR, STATE_DIR):
         if not os.path.isdir(d):
             os.makedirs(d, mode=0o755, exist_ok=True)
+        st = os.stat(d)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o022 and d != "/run":
+            os.chmod(d, st.st_mode & ~0o022)   # (made by an older cowfs under umask 0)
 
 
 def log_path(mountpoint: str) -> str:
