@@ -12,7 +12,7 @@ import trio
 from .fuse_ops import CowfsOperations
 from .overlay.params import MountConfig
 from .overlay import Overlay
-from .state import forget_mount, record_mount
+from .state import forget_mount, hold_mount_locks, record_mount
 
 log = logging.getLogger("cowfs")
 
@@ -46,6 +46,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
     try:
         overlay = Overlay(cfg)
         ops = CowfsOperations(overlay)
+        hold_mount_locks(cfg.lowerdirs, cfg.upperdir, cfg.workdir)
         record_mount(cfg)
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except Exception as e:  # reported to the waiting parent, then exit
