@@ -168,13 +168,18 @@ class VerifiedLayerStream:
             return e
         return ImageError(f"{self.layer.what}: cannot unpack ({e})")
 
-    def verify(self) -> None:
-        """Read what the tar reader left, then check the blob and the diff_id."""
+    def drain(self) -> None:
+        """Read what the tar reader left and check the blob: for a stream whose
+        diff_id is not known beforehand (it is `self.tar.digest` afterwards)."""
         try:
             self.tar.drain()
         except DECODE_ERRORS as e:
             raise self.failed(e) from None
         self.check_blob()
+
+    def verify(self) -> None:
+        """Read what the tar reader left, then check the blob and the diff_id."""
+        self.drain()
         if self.tar.digest != self.layer.diff_id:
             raise _mismatch(f"{self.layer.what} (uncompressed)", self.layer.diff_id,
                             self.tar.digest)

@@ -145,3 +145,20 @@ class ContainerRecord:
     mountpoint: str
     created: str
     schema: int = SCHEMA
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """STORE/snapshots/ID/snapshot.json: one snapshot of cowfs.snapshot.Snapshotter.
+
+    Its tree is the store layer `layer` (a committed snapshot made by apply) or
+    STORE/snapshots/ID/fs (an active one's upper dir, and what it commits to)."""
+    id: str
+    key: str                       # key or, once committed, name: one namespace
+    kind: str                      # "active", "view" or "committed"
+    parent: str | None             # the committed snapshot below, by name
+    labels: dict[str, str]
+    created: str
+    updated: str
+    layer: str | None              # chain ID of the store layer holding its tree
+    schema: int = SCHEMA

@@ -4,6 +4,7 @@
     STORE/layers/HEX/layer.json   rule: the layer and everything below it)
     STORE/images/NAME.json        an image: manifest, config, diff_ids, chain IDs
     STORE/containers/ID/          an image mount's upper and work dirs and record
+    STORE/snapshots/ID/           a snapshot of cowfs.snapshot (record, fs/, work/)
     STORE/tmp/                    layers being unpacked; renamed into layers/ whole
     STORE/lock                    flock: import, mount, rm and prune take turns
 
@@ -39,7 +40,8 @@ from .. import state
 from .errors import ImageError
 from .merged import Stack
 from .oci import DECODE_ERRORS, ImageSource, LayerRef, VerifiedLayerStream, split_ref
-from .records import ContainerRecord, ImageRecord, LayerRecord, RecordError, load, save
+from .records import (ContainerRecord, ImageRecord, LayerRecord, RecordError, SnapshotRecord,
+                      load, save)
 from .unpack import Unpacker
 
 STORE_ENV = "COWFS_STORE"
@@ -129,12 +131,14 @@ class Store:
         self.layers_dir = os.path.join(self.root, "layers")
         self.images_dir = os.path.join(self.root, "images")
         self.containers_dir = os.path.join(self.root, "containers")
+        self.snapshots_dir = os.path.join(self.root, "snapshots")
         self.tmp_dir = os.path.join(self.root, "tmp")
 
     def ensure(self) -> None:
         # Layers hold setuid binaries and device nodes: only the owner may reach them.
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        for d in (self.layers_dir, self.images_dir, self.containers_dir, self.tmp_dir):
+        for d in (self.layers_dir, self.images_dir, self.containers_dir, self.snapshots_dir,
+                  self.tmp_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
 
     @contextlib.contextmanager
@@ -192,8 +196,8 @@ class Store:
                 recs.append(load(cls, os.path.join(d, n, leaf) if leaf else os.path.join(d, n)))
             except RecordError as e:
                 problems.append(str(e))
-            except FileNotFoundError:
-                if leaf is not None:
+            except FileNotFoundError:  # removed meanwhile (gone whole), or never complete
+                if leaf is not None and os.path.isdir(os.path.join(d, n)):
                     problems.append(f"{os.path.join(d, n)}: no {leaf}")
         return recs, problems
 
@@ -295,8 +299,36 @@ class Store:
             summary.warnings.append(f"layer {cid[7:19]} was unpacked without root: its files "
                                     "belong to the importing user and it has no device nodes")
 
-    def _unpack(self, lr: LayerRef, chain_id: str, parent: str | None, below: list[str],
+    def apply_layer(self, lr: LayerRef, parent: str | None, below: list[str],
+                    progress: bool | None = False) -> tuple[str, ImportSummary]:
+        """Unpack one layer over the store layer parent (whose stack, top first, is
+        below) and publish it; returns its chain ID.  lr.diff_id "" means the
+        stream names no diff_id (a bare layer tar): it is computed while unpacking.
+        The caller holds the lock."""
+        summary = ImportSummary("", "")
+        self._clean_tmp()
+        chain = chain_ids([parent, lr.diff_id])[1] if parent and lr.diff_id else lr.diff_id
+        if chain and self.has_layer(chain):
+            summary.reused.append(chain)
+            return chain, summary
+        tmp = self._unpack(lr, chain or None, parent, below, summary, progress)
+        try:
+            rec = load(LayerRecord, os.path.join(tmp, "layer.json"))
+            if self.has_layer(rec.chain_id):  # known only now that the diff_id is
+                summary.reused.append(rec.chain_id)
+                return rec.chain_id, summary
+            syncfs(tmp)
+            os.rename(tmp, self.layer_dir(rec.chain_id))
+            fsync_dir(self.layers_dir)
+        finally:
+            self._discard(tmp)
+        summary.new.append(rec.chain_id)
+        return rec.chain_id, summary
+
+    def _unpack(self, lr: LayerRef, chain_id: str | None, parent: str | None, below: list[str],
                 summary: ImportSummary, progress: bool | None) -> str:
+        """Unpack lr into a new dir in tmp/; chain_id None: compute it (and the
+        diff_id) from the stream."""
         privileged = os.geteuid() == 0
         tmp = os.path.join(self.tmp_dir, secrets.token_hex(8))
         os.mkdir(tmp, 0o700)
@@ -319,11 +351,17 @@ class Store:
                         stats = unpacker.extract(tf)
                 except (*DECODE_ERRORS, ImageError) as e:
                     raise stream.failed(e) from None
-                stream.verify()
+                if lr.diff_id:
+                    stream.verify()
+                else:
+                    stream.drain()
+            diff_id = lr.diff_id or stream.tar.digest
+            if chain_id is None:
+                chain_id = chain_ids([parent, diff_id])[1] if parent else diff_id
             summary.blob_bytes += stream.blob.count
             summary.file_bytes += stats.file_bytes
             summary.warnings += [f"{lr.what}: {w}" for w in stats.warnings]
-            save(LayerRecord(chain_id=chain_id, diff_id=lr.diff_id, parent=parent,
+            save(LayerRecord(chain_id=chain_id, diff_id=diff_id, parent=parent,
                              digest=lr.digest, media_type=lr.media_type,
                              blob_size=stream.blob.count, file_bytes=stats.file_bytes,
                              entries=stats.entries, owners=privileged, created=now_iso()),
@@ -381,6 +419,9 @@ class Store:
     def containers(self) -> list[ContainerRecord]:
         return self.scan_containers()[0]
 
+    def scan_snapshots(self) -> tuple[list[SnapshotRecord], list[str]]:
+        return self._scan(self.snapshots_dir, SnapshotRecord, "snapshot.json")
+
     def container_for_upper(self, upper: str) -> ContainerRecord | None:
         real = os.path.realpath(upper)
         for rec in self.containers():
@@ -395,7 +436,11 @@ class Store:
         usage = Usage()
         images, problems = self.scan_images()
         containers, cproblems = self.scan_containers()
-        usage.problems = problems + cproblems
+        snapshots, sproblems = self.scan_snapshots()
+        usage.problems = problems + cproblems + sproblems
+        for srec in snapshots:
+            if srec.layer is not None:
+                usage.users.setdefault(srec.layer, f"snapshot {srec.key}")
         for rec in images:
             for c in rec.chain:
                 usage.users.setdefault(c, f"image {rec.name}")
