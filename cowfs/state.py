@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 
 import xxhash
@@ -126,3 +127,17 @@ def live_mount_records() -> list[dict]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     return out
+
+
+def wait_daemon_gone(rec: dict, timeout: float = 30.0) -> bool:
+    """After an unmount, wait for the mount's daemon to exit (its locks with it);
+    False if it is still there after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if rec.get("workdir"):
+            if not is_locked(rec["workdir"]):
+                return True
+        elif not os.path.exists(f"/proc/{rec.get('pid')}"):
+            return True
+        time.sleep(0.02)
+    return False

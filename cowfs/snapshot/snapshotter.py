@@ -28,7 +28,7 @@ from ..image.errors import ImageError
 from ..image.oci import MT_OCI_LAYER, LayerRef, open_source, sha256_digest
 from ..image.records import SnapshotRecord, save
 from ..image.store import Store, now_iso, syncfs
-from ..state import is_locked
+from ..state import find_mount, is_locked, wait_daemon_gone
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
 
 MOUNT_TYPE = "fuse.cowfs"
@@ -359,9 +359,15 @@ class Snapshotter:
 
     @staticmethod
     def unmount(target: str) -> None:
+        """Unmount target and wait for its daemon to finish (then the snapshot can
+        be committed or removed)."""
+        rec = find_mount(target)
         res = subprocess.run(["umount", target], capture_output=True, text=True)
         if res.returncode != 0:
             raise SnapshotError(f"cannot unmount {target}: {res.stderr.strip()}")
+        if rec is not None and not wait_daemon_gone(rec):
+            raise SnapshotError(f"unmounted {target}, but its cowfs daemon "
+                                f"(pid {rec.get('pid')}) has not exited")
 
 
 @contextlib.contextmanager
