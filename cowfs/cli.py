@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .overlay.params import UsageError, parse_mount_options, validate
 
-SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit"}
+SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit", "snapshotter"}
 
 
 def _version() -> str:
@@ -112,6 +112,8 @@ def _command_parser() -> argparse.ArgumentParser:
 
     from .image.cli import add_commands  # only subcommands pay for importing it
     add_commands(sub)
+    from .snapshot.cli import add_commands as add_snapshotter_commands
+    add_snapshotter_commands(sub)
     return p
 
 

@@ -129,15 +129,25 @@ def live_mount_records() -> list[dict]:
     return out
 
 
+def wait_unlocked(path: str, timeout: float) -> bool:
+    """Wait for a mount that is going away to drop path (a daemon exits shortly after
+    its umount); False if path is still held after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while is_locked(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def wait_daemon_gone(rec: dict, timeout: float = 30.0) -> bool:
     """After an unmount, wait for the mount's daemon to exit (its locks with it);
     False if it is still there after timeout seconds."""
+    if rec.get("workdir"):
+        return wait_unlocked(rec["workdir"], timeout)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if rec.get("workdir"):
-            if not is_locked(rec["workdir"]):
-                return True
-        elif not os.path.exists(f"/proc/{rec.get('pid')}"):
-            return True
+    while os.path.exists(f"/proc/{rec.get('pid')}"):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.02)
-    return False
+    return True

@@ -28,10 +28,13 @@ from ..image.errors import ImageError
 from ..image.oci import MT_OCI_LAYER, LayerRef, open_source, sha256_digest
 from ..image.records import SnapshotRecord, save
 from ..image.store import Store, now_iso, syncfs
-from ..state import find_mount, is_locked, wait_daemon_gone
+from ..state import find_mount, wait_daemon_gone, wait_unlocked
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
 
 MOUNT_TYPE = "fuse.cowfs"
+# A runtime that just unmounted (containerd does, then commits or removes at
+# once) finds the daemon still exiting: give it this many seconds.
+UNMOUNT_GRACE = 5.0
 
 
 class Kind(str, Enum):
@@ -236,7 +239,7 @@ class Snapshotter:
             if self._find(name) is not None:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
             work = os.path.join(self._dir(rec), "work")
-            if is_locked(work):
+            if not wait_unlocked(work, UNMOUNT_GRACE):
                 raise FailedPrecondition(f"snapshot {key!r} is mounted: unmount it first")
             shutil.rmtree(work, ignore_errors=True)  # overlay scratch, not content
             syncfs(self.tree(rec))
@@ -251,7 +254,8 @@ class Snapshotter:
             children = sorted(r.key for r in self._records() if r.parent == rec.key)
             if children:
                 raise FailedPrecondition(f"snapshot {key!r} has children: {', '.join(children)}")
-            if rec.kind == Kind.ACTIVE and is_locked(os.path.join(self._dir(rec), "work")):
+            if rec.kind == Kind.ACTIVE and \
+                    not wait_unlocked(os.path.join(self._dir(rec), "work"), UNMOUNT_GRACE):
                 raise FailedPrecondition(f"snapshot {key!r} is mounted: unmount it first")
             # Out of snapshots/ in one rename, then deleted (a crash leaves only tmp/).
             trash = os.path.join(self.store.tmp_dir, "rm-" + rec.id)
