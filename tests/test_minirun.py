@@ -1,18 +1,16 @@
 """examples/minirun.py runs a command in a container built from the example image."""
 from __future__ import annotations
 
-import io
-import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from cowfs.snapshot import Snapshotter
 
-from .imageutil import cowfs_unready, needs_root, scratch, shell_layer, write_layout
+from .clientutil import example_layout
+from .imageutil import cowfs_unready, needs_root, scratch
 from .mountutil import is_mountpoint
 
 __all__ = ["scratch"]
@@ -21,46 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MINIRUN = ROOT / "examples" / "minirun.py"
 
 
-def dir_layer(path: Path) -> bytes:
-    """A layer directory as a tar (its `.wh.` files are OCI whiteouts)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name in sorted(os.listdir(path)):
-            tf.add(path / name, arcname=name)
-    return buf.getvalue()
-
-
-def sh_layer() -> bytes:
-    """The host's shell and its libraries, with /bin a real directory holding sh
-    (the example image has a /bin directory, which would hide a merged-usr symlink)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(shell_layer())) as src, \
-            tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as out:
-        for m in src:
-            if m.name != "bin" and not m.name.startswith("bin/"):
-                out.addfile(m, src.extractfile(m) if m.isreg() else None)
-        sh = Path(os.path.realpath("/bin/sh")).read_bytes()
-        for name, data in (("bin", None), ("bin/sh", sh)):
-            ti = tarfile.TarInfo(name)
-            ti.type = tarfile.DIRTYPE if data is None else tarfile.REGTYPE
-            ti.mode, ti.size = 0o755, len(data or b"")
-            out.addfile(ti, io.BytesIO(data) if data else None)
-    return buf.getvalue()
-
-
-def example_image(scratch: Path) -> str:
-    """examples/image's three layers over a layer with the host's /bin/sh."""
-    layers = [sh_layer()] + [dir_layer(ROOT / "examples" / "image" / d)
-                                for d in ("1-base", "2-app", "3-update")]
-    write_layout(scratch / "oci", "example", layers)
-    return f"{scratch}/oci:example"
-
-
 @needs_root
 def test_minirun_runs_a_command_in_a_container(scratch: Path) -> None:
     if reason := cowfs_unready():
         pytest.skip(reason)
-    image = example_image(scratch)
+    image = example_layout(scratch / "oci")
     vol = scratch / "vol"
     vol.mkdir()
     (vol / "in").write_text("from the host\n")
