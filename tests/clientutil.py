@@ -47,10 +47,13 @@ def sh_layer() -> bytes:
     return buf.getvalue()
 
 
-def example_layout(layout: Path, tag: str = "example", image_name: str | None = None) -> str:
-    """examples/image's three layers over a layer with the host's /bin/sh, as an
-    OCI layout; image_name also goes into the index as containerd's image name."""
+def example_layout(layout: Path, tag: str = "example", image_name: str | None = None,
+                   extra: list[bytes] | None = None) -> str:
+    """examples/image's three layers over a layer with the host's /bin/sh (and the
+    extra layers on top), as an OCI layout; image_name also goes into the index as
+    containerd's image name."""
     layers = [sh_layer()] + [dir_layer(EXAMPLES / d) for d in ("1-base", "2-app", "3-update")]
+    layers += extra or []
     write_layout(layout, tag, layers)
     if image_name is not None:
         index = json.loads((layout / "index.json").read_text())
