@@ -14,7 +14,7 @@ import sys
 
 from .overlay.params import UsageError, parse_mount_options, validate
 
-SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit",
+SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit", "snapshotter",
                "trace", "stats", "explain", "which", "watch", "lesson"}
 
 
@@ -128,6 +128,8 @@ def _command_parser() -> argparse.ArgumentParser:
     from .teach.cli import add_commands as add_teach_commands
     add_commands(sub)
     add_teach_commands(sub)
+    from .snapshot.cli import add_commands as add_snapshotter_commands
+    add_snapshotter_commands(sub)
     return p
 
 

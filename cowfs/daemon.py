@@ -18,7 +18,7 @@ from . import control, fuse
 from .overlay import Overlay
 from .overlay.params import MountConfig
 from .server import OverlayServer
-from .state import forget_mount, log_path, record_mount
+from .state import forget_mount, hold_mount_locks, log_path, record_mount
 
 log = logging.getLogger("cowfs")
 
@@ -49,6 +49,7 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
     try:
         overlay = Overlay(cfg)
         server = OverlayServer(overlay, _passthrough_wanted(cfg))
+        hold_mount_locks(cfg.lowerdirs, cfg.upperdir, cfg.workdir)
         record_mount(cfg)
         ctl = control.start(overlay, cfg)
         fd = fuse.mount(mount_spec(cfg))

@@ -192,12 +192,12 @@ def test_commit_a_container_upper(scratch: Path) -> None:
     cowfs("image", "import", f"{scratch}/oci:v1", store=store)
     s = Store(str(store))
     c = s.new_container(s.image("oci:v1"), None, str(scratch / "mnt"))
-    os.mknod(os.path.join(c["upper"], "etc"), stat.S_IFCHR, 0)
-    assert cowfs("diff", c["upper"], store=store).stdout == "D /etc\n"
-    res = cowfs("commit", c["upper"], "-o", str(scratch / "l.tar"), store=store)
+    os.mknod(os.path.join(c.upper, "etc"), stat.S_IFCHR, 0)
+    assert cowfs("diff", c.upper, store=store).stdout == "D /etc\n"
+    res = cowfs("commit", c.upper, "-o", str(scratch / "l.tar"), store=store)
     assert "diff_id" in res.stdout and list(members(scratch / "l.tar")) == [".wh.etc"]
     shutil.rmtree(scratch / "oci")  # where the base layer's blob was
-    res = cowfs("commit", c["upper"], "--image", f"{scratch}/out:v2", store=store, check=False)
+    res = cowfs("commit", c.upper, "--image", f"{scratch}/out:v2", store=store, check=False)
     assert res.returncode == 1 and "base layer blob sha256:" in res.stderr
 
 
