@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 from . import control, fuse
 from .overlay import Overlay
@@ -73,21 +72,21 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
         _detach_stdio()
-    stop = threading.Event()
+    signalled: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
+        signalled.append(signum)
+        session.stop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
         session.start()
-        while not stop.is_set() and not session.stopped():
-            stop.wait(1.0)
+        session.wait()      # until umount (the kernel ends the connection) or a signal
     except Exception:
         log.exception("cowfs: daemon failed")
         raise
     finally:
-        if not session.stopped():
+        if signalled:
             # A signal, not umount(8): the mount is still ours to remove.  (After
             # umount the path may already hold someone else's new mount.)
             _unmount(cfg.mountpoint)

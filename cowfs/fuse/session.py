@@ -173,8 +173,8 @@ class Session:
         for t in self._threads:
             t.start()
 
-    def stopped(self) -> bool:
-        return self._stop.is_set()
+    def wait(self) -> None:
+        self._stop.wait()
 
     def stop(self) -> None:
         self._stop.set()
