@@ -54,6 +54,21 @@ def cmd_import(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(ns: argparse.Namespace) -> int:
+    from .registry import options_from, pull  # httpx only for the registry commands
+    summary = pull(_store(ns), ns.reference, options_from(ns), ns.name)
+    for w in summary.warnings:
+        _warn(w)
+    print(summary)
+    return 0
+
+
+def cmd_push(ns: argparse.Namespace) -> int:
+    from .registry import options_from, push
+    print(push(_store(ns), ns.image, ns.reference, options_from(ns)))
+    return 0
+
+
 def cmd_ls(ns: argparse.Namespace) -> int:
     store = _store(ns)
     rows = [("NAME", "ID", "LAYERS", "SIZE", "IMPORTED")]
@@ -87,6 +102,8 @@ def cmd_rm(ns: argparse.Namespace) -> int:
     for ref in ns.refs:
         print(f"removed {store.remove(ref)}")
     deleted, used = store.prune_layers()
+    from .registry import prune_blobs
+    prune_blobs(store)  # the blobs kept for push that no image uses any more
     print(f"deleted {len(deleted)} unused layer(s); {len(used)} still in use")
     return 0
 
@@ -236,6 +253,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="store the image under this name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_guard(cmd_import))
+
+    from .registry import add_registry_arguments
+    p = with_store(isub.add_parser("pull", help="pull an image from a registry into the store"))
+    p.add_argument("reference", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+    p.add_argument("--name", help="store the image under this name (default: the reference)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="which manifest of an image index (default: this host's)")
+    add_registry_arguments(p)
+    p.set_defaults(func=_guard(cmd_pull))
+
+    p = with_store(isub.add_parser("push", help="push an image from the store to a registry"))
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("reference", metavar="REGISTRY/REPO[:TAG]")
+    p.add_argument("--chunk-size", type=int, metavar="BYTES",
+                   help="upload in chunks of BYTES (default: each blob in one request)")
+    add_registry_arguments(p)
+    p.set_defaults(func=_guard(cmd_push))
 
     p = with_store(isub.add_parser("ls", help="list images and containers"))
     p.add_argument("--layers", action="store_true", help="also list layers and their users")

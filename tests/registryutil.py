@@ -1,0 +1,176 @@
+"""Helpers for the registry tests: Debian's docker-registry started on 127.0.0.1
+(private config and storage, stopped by PID), images from examples/image, skopeo."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .imageutil import MTIME, write_layout
+
+REGISTRY_BIN = shutil.which("docker-registry")
+SKOPEO = shutil.which("skopeo")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "image"
+needs_registry = pytest.mark.skipif(REGISTRY_BIN is None,
+                                    reason="docker-registry is not installed (scripts/setup --slow)")
+needs_skopeo = pytest.mark.skipif(SKOPEO is None,
+                                  reason="skopeo is not installed (scripts/setup --slow)")
+
+
+def tar_dir(root: Path, extra: dict[str, bytes] | None = None) -> bytes:
+    """A reproducible layer tar of root's tree (owner root, fixed mtimes), plus extra files."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(dirnames) + sorted(filenames):
+                p = Path(dirpath) / name
+                ti = tf.gettarinfo(str(p), str(p.relative_to(root)))
+                ti.uid = ti.gid = 0
+                ti.uname = ti.gname = ""
+                ti.mtime = MTIME
+                if ti.isfile():
+                    with open(p, "rb") as f:
+                        tf.addfile(ti, f)
+                else:
+                    tf.addfile(ti)
+        for name, data in (extra or {}).items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, MTIME
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def example_layers(pad: int = 0) -> list[bytes]:
+    """The three layers of examples/image, each with pad random bytes more
+    (random, so gzip cannot shrink them: sizes on the wire stay as asked)."""
+    return [tar_dir(d, {f"pad/{d.name}.bin": os.urandom(pad)} if pad else None)
+            for d in sorted(EXAMPLES.iterdir())]
+
+
+def example_layout(layout: Path, tag: str = "v1", pad: int = 0) -> dict:
+    return write_layout(layout, tag, example_layers(pad))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RegistryServer:
+    """docker-registry with its own config, storage and log in dir."""
+    dir: Path
+    tls: tuple[Path, Path] | None = None          # (cert, key)
+    htpasswd: Path | None = None
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def storage(self) -> Path:
+        return self.dir / "storage"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "registry.log"
+
+    def config(self) -> str:
+        cfg = (f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+               f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
+               f"  delete:\n    enabled: true\n"
+               f"http:\n  addr: {self.host}\n")
+        if self.tls:
+            cfg += f"  tls:\n    certificate: {self.tls[0]}\n    key: {self.tls[1]}\n"
+        if self.htpasswd:
+            cfg += f"auth:\n  htpasswd:\n    realm: cowfs-test\n    path: {self.htpasswd}\n"
+        return cfg
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yml").write_text(self.config())
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen([REGISTRY_BIN or "docker-registry", "serve",
+                                      str(self.dir / "config.yml")],
+                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("docker-registry did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def blob_gets(self) -> list[str]:
+        """The blob GETs the registry has served, from its access log."""
+        return [line for line in self.log.read_text().splitlines()
+                if '"GET /v2/' in line and "/blobs/sha256:" in line]
+
+    def blob_file(self, digest: str) -> Path:
+        hexd = digest.split(":", 1)[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+    def manifest_digest(self, repo: str, tag: str) -> str:
+        """The digest the registry keeps for repo:tag (from its storage, no HTTP)."""
+        link = self.storage / f"docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}" \
+            / "current/link"
+        return link.read_text().strip()
+
+
+@pytest.fixture
+def registry_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def running(server: RegistryServer) -> Iterator[RegistryServer]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def skopeo(*args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([SKOPEO or "skopeo", "--insecure-policy", *args],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"skopeo {' '.join(args)}: {res.stderr[-2000:]}"
+    return res
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
