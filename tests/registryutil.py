@@ -46,6 +46,10 @@ def tar_dir(root: Path, extra: dict[str, bytes] | None = None) -> bytes:
                         tf.addfile(ti, f)
                 else:
                     tf.addfile(ti)
+        for name in sorted({os.path.dirname(n) for n in extra or {}} - {""}):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, MTIME
+            tf.addfile(ti)
         for name, data in (extra or {}).items():
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = len(data), 0o644, MTIME

@@ -531,7 +531,7 @@ class Registry:
                         raise self.error(resp, what)
                     if offset and resp.status_code == 200:  # no ranges here: from the start
                         sha, offset = _restart(f, bar, offset)
-                    for chunk in resp.iter_bytes(CHUNK):
+                    for chunk in resp.iter_bytes():  # as received: a break loses nothing
                         if stop.is_set():
                             raise ImageError(f"{what}: download stopped")
                         f.write(chunk)

@@ -41,7 +41,8 @@ class Challenge:
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
-_PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*({_QUOTED}|{_TOKEN})\s*(?:,|$)")
+# Unquoted values are tokens by the RFC; registries send bare URLs too.
+_PARAM = re.compile(rf'\s*({_TOKEN})\s*=\s*({_QUOTED}|[^,\s"]+)\s*(?:,|$)')
 _SCHEME = re.compile(rf"\s*,?\s*({_TOKEN})(?:\s+|$)")
 
 
