@@ -2,6 +2,7 @@
 (private config and storage, stopped by PID), images from examples/image, skopeo."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -9,10 +10,11 @@ import signal
 import socket
 import subprocess
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,11 +154,6 @@ class RegistryServer:
         return link.read_text().strip()
 
 
-@pytest.fixture
-def registry_dir(tmp_path: Path) -> Path:
-    return tmp_path
-
-
 def running(server: RegistryServer) -> Iterator[RegistryServer]:
     server.start()
     try:
@@ -178,3 +175,106 @@ def http_ok(url: str) -> bool:
             return True
     except (urllib.error.URLError, OSError):
         return False
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a registry: counts the bytes it hands to clients,
+    notes each request line and Range header, and once more than cut_after
+    bytes have gone out calls on_cut (e.g. stop the registry) and drops every
+    open connection, as a dying server does."""
+
+    def __init__(self, upstream: int, cut_after: int | None = None,
+                 on_cut: Callable[[], None] | None = None) -> None:
+        self.upstream, self.cut_after, self.on_cut = upstream, cut_after, on_cut
+        self.sent = 0
+        self.requests: list[str] = []
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+            except OSError:
+                client.close()  # nothing behind us: the client sees a reset connection
+                continue
+            with self._lock:
+                self._socks += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, to_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not to_client:
+                    self._note(data)
+                dst.sendall(data)
+                if to_client:
+                    self._count(len(data))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def _note(self, data: bytes) -> None:
+        text = data.decode("latin-1")
+        for line in text.split("\r\n"):
+            if line.startswith(("GET ", "HEAD ", "PUT ", "POST ", "PATCH ")):
+                self.requests.append(line.rsplit(" ", 1)[0])
+            elif line.lower().startswith("range:"):
+                self.requests[-1] += " " + line.split(":", 1)[1].strip()
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.sent += n
+            fire = self.cut_after is not None and self.sent > self.cut_after
+            if fire:
+                self.cut_after = None
+        if fire:
+            if self.on_cut:
+                self.on_cut()
+            self.drop()
+
+    def drop(self) -> None:
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.drop()
+        self._thread.join(5)
+
+
+def make_ca_and_cert(d: Path) -> tuple[Path, Path, Path]:
+    """(ca.pem, server cert, server key): a throwaway CA and a cert for 127.0.0.1."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=cowfs test CA")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr",
+        "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                               "authorityKeyIdentifier=keyid\nextendedKeyUsage=serverAuth\n")
+    ssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf")
+    return d / "ca.pem", d / "srv.pem", d / "srv.key"

@@ -229,6 +229,12 @@ class FakeRegistry:
                 return httpx.Response(400, json={"errors": [{"code": "DIGEST_INVALID"}]})
             self.blobs[digest] = bytes(self.uploads[uid])
             return httpx.Response(201)
+        t = re.fullmatch(r"/v2/(.+)/tags/list", request.url.path)
+        if t:
+            tags = sorted(k.split(":", 1)[1] for k in self.manifests
+                          if k.startswith(t.group(1) + ":") and "sha256:" not in k)
+            return httpx.Response(200, json={"name": t.group(1), "tags": tags}) if tags else \
+                httpx.Response(404, json={"errors": [{"code": "NAME_UNKNOWN"}]})
         if not m:
             return httpx.Response(404)
         repo, kind, ref = m.groups()
@@ -455,8 +461,10 @@ def test_unsupported_manifests(fake: FakeRegistry, tmp_path: Path, doc: dict, mt
 
 def test_unknown_tag_and_repo(fake: FakeRegistry, tmp_path: Path) -> None:
     store = Store(str(tmp_path / "store"))
-    with pytest.raises(ImageError, match="ns/app:nope: no such tag or digest"):
+    with pytest.raises(ImageError, match=r"ns/app:nope: no such tag on fake.test \(tags: v1\)"):
         _pull(store, fake, "fake.test/ns/app:nope")
+    with pytest.raises(ImageError, match="other/app:v1: no such repository on fake.test"):
+        _pull(store, fake, "fake.test/other/app:v1")
     assert store.images() == []
 
 

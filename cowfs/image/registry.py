@@ -472,6 +472,8 @@ class Registry:
         """(bytes, digest, document) of a manifest or index, digest checked."""
         resp = self.send("GET", f"/v2/{repo}/manifests/{reference}", _scopes(repo, "pull"),
                          headers={"Accept": ACCEPT})
+        if resp.status_code == 404:
+            raise self._not_found(resp, repo, reference, what)
         if resp.status_code != 200:
             raise self.error(resp, what)
         data = resp.content
@@ -488,6 +490,22 @@ class Registry:
             if doc_type in (*MANIFEST_TYPES, *INDEX_TYPES):
                 return data, digest, {**doc, "mediaType": doc_type}
         return data, digest, doc
+
+    def _not_found(self, resp: httpx.Response, repo: str, reference: str,
+                   what: str) -> ImageError:
+        """A missing manifest, told apart (as registries often do not): no such
+        repository, or no such tag, with the tags there are."""
+        tags = self.send("GET", f"/v2/{repo}/tags/list", _scopes(repo, "pull"))
+        try:
+            names = tags.json().get("tags") if tags.status_code == 200 else None
+        except ValueError:
+            names = None
+        if tags.status_code == 404 or (tags.status_code == 200 and not names):
+            return ImageError(f"{what}: no such repository on {self.host}")
+        if isinstance(names, list) and not reference.startswith("sha256:"):
+            shown = ", ".join(sorted(map(str, names))[:10])
+            return ImageError(f"{what}: no such tag on {self.host} (tags: {shown})")
+        return self.error(resp, what)
 
     def blob(self, repo: str, digest: str, what: str) -> bytes:
         """A small blob (a config), read whole and checked."""
