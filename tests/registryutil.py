@@ -12,8 +12,6 @@ import subprocess
 import tarfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,14 +165,6 @@ def skopeo(*args: str) -> subprocess.CompletedProcess:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"skopeo {' '.join(args)}: {res.stderr[-2000:]}"
     return res
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 class CuttingProxy:

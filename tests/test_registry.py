@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cowfs.image.errors import ImageError
-from cowfs.image.oci import MT_DOCKER_LIST, MT_OCI_INDEX, MT_OCI_MANIFEST
+from cowfs.image.oci import MT_DOCKER_LIST, MT_OCI_INDEX, MT_OCI_MANIFEST, open_source
 from cowfs.image.registry import (BlobCache, Platform, RegistryOptions, parse_platform,
                                   parse_reference, pull, push, select_manifest)
 from cowfs.image.registry_auth import auth_files, find_credentials, parse_www_authenticate
@@ -23,7 +23,7 @@ from cowfs.image.store import Store
 from cowfs.overlay.params import UsageError
 
 from .imageutil import sha, snapshot
-from .registryutil import example_layers, example_layout
+from .registryutil import example_layout
 
 D = "sha256:" + "ab" * 32
 
@@ -302,8 +302,7 @@ def test_pull_equals_import(fake: FakeRegistry, tmp_path: Path) -> None:
     summary = _pull(store, fake)
     assert "3 layers, 3 downloaded" in str(summary)
     ref = Store(str(tmp_path / "ref"))
-    ref.import_image(__import__("cowfs.image.oci", fromlist=["x"]).open_source(
-        str(tmp_path / "oci") + ":v1"), "ref", progress=False)
+    ref.import_image(open_source(str(tmp_path / "oci") + ":v1"), "ref", progress=False)
     [got], [want] = store.images(), ref.images()
     assert got["layers"] == want["layers"] and got["id"] == want["id"]
     for d in got["layers"]:
@@ -489,12 +488,21 @@ def test_push_round_trip(fake: FakeRegistry, tmp_path: Path, chunk: int | None) 
 
 
 def test_push_imported_image_keeps_digest(fake: FakeRegistry, tmp_path: Path) -> None:
-    from cowfs.image.oci import open_source
     store = Store(str(tmp_path / "store"))
     store.import_image(open_source(str(tmp_path / "oci") + ":v1"), "local", progress=False)
     push(store, "local", "fake.test/copy/app:v1", OPTS, httpx.MockTransport(fake))
     assert fake.manifests["copy/app:v1"] == fake.manifests["ns/app:v1"]
 
 
-def test_layers_are_example_image() -> None:
-    assert len(example_layers()) == 3
+def test_rm_prunes_kept_blobs(fake: FakeRegistry, tmp_path: Path) -> None:
+    from cowfs.image.registry import prune_blobs
+    store = Store(str(tmp_path / "store"))
+    _pull(store, fake, name="a")
+    _pull(store, fake, name="b")
+    kept = set(os.listdir(BlobCache(store).dir))
+    assert len(kept) == 5  # manifest, config, 3 layers
+    store.remove("a")
+    assert prune_blobs(store) == 0
+    store.remove("b")
+    assert prune_blobs(store) == 5
+    assert os.listdir(BlobCache(store).dir) == []

@@ -18,10 +18,12 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
@@ -301,6 +303,73 @@ def _errors(resp: httpx.Response) -> list[tuple[str, str]]:
         return []
 
 
+class Arrival:
+    """A blob on its way into the cache, readable while it arrives: a layer's
+    unpacking follows its download instead of waiting for the end of it."""
+
+    def __init__(self, final: str) -> None:
+        self.final = final              # where the blob is once verified
+        self.cond = threading.Condition()
+        self.path: str | None = None    # the incoming file, once a download writes it
+        self.size = 0
+        self.done = False
+        self.error: str | None = None
+
+    def started(self, path: str, size: int) -> None:
+        with self.cond:
+            self.path, self.size = path, size
+            self.cond.notify_all()
+
+    def grew(self, size: int) -> None:
+        with self.cond:
+            self.size = size
+            self.cond.notify_all()
+
+    def finished(self, error: BaseException | None) -> None:
+        with self.cond:
+            self.done = True
+            self.error = None if error is None else str(error) or type(error).__name__
+            self.cond.notify_all()
+
+    def reader(self) -> BinaryIO:
+        return io.BufferedReader(_Follower(self), CHUNK)
+
+
+class _Follower(io.RawIOBase):
+    """Reads an Arrival's bytes as they are written; at the end, raises the
+    download's error (a digest mismatch, a broken connection) if it failed."""
+
+    def __init__(self, arrival: Arrival) -> None:
+        self.arrival = arrival
+        self.fd: int | None = None
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        a = self.arrival
+        with a.cond:
+            a.cond.wait_for(lambda: a.done or (a.path is not None and a.size > self.pos))
+            if a.error is not None:
+                raise ImageError(a.error)
+            if self.fd is None:
+                try:
+                    self.fd = os.open(a.path or a.final, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:  # renamed into the cache meanwhile
+                    self.fd = os.open(a.final, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(self.fd, len(b), self.pos)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        super().close()
+
+
 class Registry:
     """One registry, with its auth state: anonymous, basic, or bearer tokens
     per scope, got from the realm its WWW-Authenticate challenge names."""
@@ -517,13 +586,12 @@ class Registry:
         return resp.content
 
     def fetch(self, repo: str, desc: dict, cache: BlobCache, bar: tqdm,
-              stop: threading.Event) -> int:
+              stop: threading.Event, arrival: Arrival) -> int:
         """Download a blob into the cache, resuming a partial one; returns the
-        bytes fetched now.  The sha256 covers every byte, resumed or not."""
+        bytes fetched now.  The sha256 covers every byte, resumed or not;
+        arrival hears of every byte written, for a reader following along."""
         digest, size = desc["digest"], desc.get("size")
         what = f"layer blob {digest}"
-        if cache.has(digest):
-            return 0
         with cache.incoming(digest) as f:
             if cache.has(digest):  # another pull finished it while we waited
                 return 0
@@ -533,6 +601,7 @@ class Registry:
                 sha.update(chunk)
             offset = f.tell()
             bar.update(offset)
+            arrival.started(f.name, offset)
             fetched = 0
             broken = 0
             while True:
@@ -553,8 +622,10 @@ class Registry:
                         if stop.is_set():
                             raise ImageError(f"{what}: download stopped")
                         f.write(chunk)
+                        f.flush()
                         sha.update(chunk)
                         offset += len(chunk)
+                        arrival.grew(offset)
                         fetched += len(chunk)
                         bar.update(len(chunk))
                         if size is not None and offset > size:
@@ -655,30 +726,44 @@ def _file_chunks(path: str, bar: tqdm) -> Iterator[bytes]:
 
 # -- progress -----------------------------------------------------------------------
 
+class _BlobBar(tqdm):
+    """One blob's bar: its updates count in the total too, and its line is
+    given back when it closes, so the bars in flight stay on -j lines."""
+
+    def __init__(self, progress: Progress, slot: int, **kw: object) -> None:
+        self.progress, self.slot = progress, slot
+        super().__init__(position=slot, **kw)  # type: ignore[arg-type]
+
+    def update(self, n: float | None = 1) -> bool | None:
+        self.progress.total.update(n)
+        return super().update(n)
+
+    def close(self) -> None:
+        super().close()
+        with self.progress.lock:
+            self.progress.free.add(self.slot)
+
+
 class Progress:
     """A total bar and one bar per blob in flight (bytes and rate)."""
 
     def __init__(self, total: int, enabled: bool | None, desc: str) -> None:
-        import sys
         self.disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-        self._file = sys.stderr
         self.total = tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
                           disable=self.disable, position=0, leave=not self.disable)
-        self._lock = threading.Lock()
-        self._slots = 0
+        self.lock = threading.Lock()
+        self.free: set[int] = set()
+        self._next = 1
 
     def bar(self, digest: str, size: int | None) -> tqdm:
-        with self._lock:
-            self._slots += 1
-            pos = self._slots
-        total = self.total
-
-        class _Bar(tqdm):  # every update counts in the total too
-            def update(self, n: float | None = 1) -> bool | None:
-                total.update(n)
-                return super().update(n)
-        return _Bar(total=size, unit="B", unit_scale=True, desc=digest[7:19], file=self._file,
-                    disable=self.disable, position=pos, leave=False)
+        with self.lock:
+            if self.free:
+                slot = min(self.free)
+                self.free.discard(slot)
+            else:
+                slot, self._next = self._next, self._next + 1
+        return _BlobBar(self, slot, total=size, unit="B", unit_scale=True, desc=digest[7:19],
+                        file=sys.stderr, disable=self.disable, leave=False)
 
     def close(self) -> None:
         self.total.close()
@@ -704,9 +789,8 @@ class PullSummary:
                 f"{self.layers - len(self.downloaded)} already here")
 
 
-def _resolve(reg: Registry, ref: Reference, want: Platform, cache: BlobCache
-             ) -> tuple[str, dict]:
-    """(digest, manifest) for ref: an image index followed down to want's manifest."""
+def _resolve(reg: Registry, ref: Reference, want: Platform) -> tuple[bytes, str, dict]:
+    """(bytes, digest, manifest) for ref: an image index followed down to want's manifest."""
     what = str(ref)
     data, digest, doc = reg.manifest(ref.repository, ref.reference, what)
     for _ in range(3):
@@ -725,8 +809,7 @@ def _resolve(reg: Registry, ref: Reference, want: Platform, cache: BlobCache
             continue
         if mt not in MANIFEST_TYPES and not (mt is None and "layers" in doc):
             raise ImageError(f"{what}: unsupported manifest type {mt!r}")
-        cache.put(data)
-        return digest, doc
+        return data, digest, doc
     raise ImageError(f"{what}: image indexes nested too deeply")
 
 
@@ -759,14 +842,13 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
     creds = find_credentials(ref.registry, ref.repository,
                              [opts.auth_file] if opts.auth_file else None)
     with Registry(ref.endpoint, opts, transport, creds) as reg:
-        mdigest, manifest = _resolve(reg, ref, want, cache)
+        mdata, mdigest, manifest = _resolve(reg, ref, want)
         what = str(ref)
         cdesc, ldescs = _layer_descs(manifest, what)
         cdigest = cdesc["digest"]
         config = cache.read(cdigest) or reg.blob(ref.repository, cdigest, f"{what} config")
         diff_ids = _diff_ids(verified_json(config, cdigest, f"{what} config"), len(ldescs),
                              f"{what} config")
-        cache.put(config)
         todo = [d for d, diff_id in zip(ldescs, diff_ids)
                 if not store.has_layer(diff_id) and not cache.has(d["digest"])]
         todo = list({d["digest"]: d for d in todo}.values())
@@ -775,17 +857,25 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
         stop = threading.Event()
         pool = concurrent.futures.ThreadPoolExecutor(max(1, opts.jobs), "cowfs-pull")
         try:
+            arrivals = {d["digest"]: Arrival(cache.path(d["digest"])) for d in todo}
+
             def download(desc: dict) -> int:
                 bar = progress.bar(desc["digest"], desc["size"])
+                arrival = arrivals[desc["digest"]]
                 try:
-                    return reg.fetch(ref.repository, desc, cache, bar, stop)
+                    fetched = reg.fetch(ref.repository, desc, cache, bar, stop, arrival)
+                except BaseException as e:
+                    arrival.finished(e)
+                    raise
                 finally:
                     bar.close()
+                arrival.finished(None)
+                return fetched
             futures = {d["digest"]: pool.submit(download, d) for d in todo}
 
             def opener(digest: str) -> BinaryIO:
-                if digest in futures:
-                    futures[digest].result()
+                if digest in arrivals:
+                    return arrivals[digest].reader()
                 try:
                     return open(cache.path(digest), "rb")
                 except FileNotFoundError:
@@ -795,6 +885,8 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
                                digest=d["digest"], media_type=d["mediaType"], size=d["size"],
                                opener=lambda g=d["digest"]: opener(g))
                       for d, diff_id in zip(ldescs, diff_ids)]
+            cache.put(mdata)  # kept, with the config, for a push of the same digests
+            cache.put(config)
             src = ImageSource("registry", f"{ref.registry}/{ref.repository}@{mdigest}",
                               summary.name, manifest, config, cdigest, layers)
             imported = store.import_image(src, summary.name, progress=False)
