@@ -23,7 +23,7 @@ from cowfs.image.store import Store
 from cowfs.overlay.params import UsageError
 
 from .imageutil import sha, snapshot
-from .registryutil import example_layout
+from .registryutil import example_layers, example_layout
 
 D = "sha256:" + "ab" * 32
 
@@ -506,3 +506,21 @@ def test_rm_prunes_kept_blobs(fake: FakeRegistry, tmp_path: Path) -> None:
     store.remove("b")
     assert prune_blobs(store) == 5
     assert os.listdir(BlobCache(store).dir) == []
+
+
+def test_push_docker_archive_image(tmp_path: Path) -> None:
+    """An image imported from `docker save` has no manifest to keep: push writes
+    one (without cowfs' archive notes) over the archive's layer blobs."""
+    from .imageutil import write_docker_archive
+    layers = example_layers()
+    write_docker_archive(tmp_path / "img.tar", "arch/app:v1", layers)
+    store = Store(str(tmp_path / "store"))
+    store.import_image(open_source(str(tmp_path / "img.tar")), "arch", progress=False)
+    dest = FakeRegistry()
+    push(store, "arch", "fake.test/arch/app:v1", OPTS, httpx.MockTransport(dest))
+    data, _ = dest.manifests["arch/app:v1"]
+    assert b"x-cowfs" not in data
+    assert sorted(dest.blobs) == sorted([sha(t) for t in layers] + [store.image("arch")["id"]])
+    other = Store(str(tmp_path / "other"))
+    _pull(other, dest, "fake.test/arch/app:v1")
+    assert other.images()[0]["layers"] == [sha(t) for t in layers]

@@ -585,12 +585,12 @@ class Registry:
             raise _mismatch(what, digest, sha256_digest(resp.content))
         return resp.content
 
-    def fetch(self, repo: str, desc: dict, cache: BlobCache, bar: tqdm,
+    def fetch(self, repo: str, desc: Descriptor, cache: BlobCache, bar: tqdm,
               stop: threading.Event, arrival: Arrival) -> int:
         """Download a blob into the cache, resuming a partial one; returns the
         bytes fetched now.  The sha256 covers every byte, resumed or not;
         arrival hears of every byte written, for a reader following along."""
-        digest, size = desc["digest"], desc.get("size")
+        digest, size = desc.digest, desc.size
         what = f"layer blob {digest}"
         with cache.incoming(digest) as f:
             if cache.has(digest):  # another pull finished it while we waited
@@ -628,7 +628,7 @@ class Registry:
                         arrival.grew(offset)
                         fetched += len(chunk)
                         bar.update(len(chunk))
-                        if size is not None and offset > size:
+                        if offset > size:
                             break
                     break
                 except httpx.TransportError as e:  # the connection broke mid-blob
@@ -642,19 +642,19 @@ class Registry:
                 finally:
                     resp.close()
             got = "sha256:" + sha.hexdigest()
-            if got != digest or (size is not None and offset != size):
+            if got != digest or offset != size:
                 cache.discard(digest)
-                raise _mismatch(what, digest, got if offset == size or size is None
+                raise _mismatch(what, digest, got if offset == size
                                 else f"{offset} bytes of {size}")
             cache.finish(f, digest)
         return fetched
 
     # -- push side ----------------------------------------------------------------
-    def push_blob(self, repo: str, desc: dict, path: str, mount_from: str | None,
+    def push_blob(self, repo: str, digest: str, path: str, mount_from: str | None,
                   bar: tqdm) -> str:
         """Put one blob into repo unless it is there; returns how: 'exists',
         'mounted' (cross-repository mount) or 'uploaded'."""
-        digest, size = desc["digest"], os.path.getsize(path)
+        size = os.path.getsize(path)
         what = f"blob {digest}"
         scopes = _scopes(repo, "pull,push", mount_from)
         resp = self.send("HEAD", f"/v2/{repo}/blobs/{digest}", scopes)
@@ -813,14 +813,22 @@ def _resolve(reg: Registry, ref: Reference, want: Platform) -> tuple[bytes, str,
     raise ImageError(f"{what}: image indexes nested too deeply")
 
 
-def _layer_descs(manifest: dict, what: str) -> tuple[dict, list[dict]]:
-    cdesc = manifest.get("config")
-    if not isinstance(cdesc, dict):
+@dataclass(frozen=True)
+class Descriptor:
+    """A manifest's reference to a blob, checked."""
+    media_type: str
+    digest: str
+    size: int
+
+
+def _image_blobs(manifest: dict, what: str) -> tuple[Descriptor, list[Descriptor]]:
+    """The config and layer descriptors of an image manifest, of types cowfs reads."""
+    config = manifest.get("config")
+    if not isinstance(config, dict):
         raise ImageError(f"{what}: the manifest names no config")
-    if cdesc.get("mediaType") not in CONFIG_TYPES:
+    if config.get("mediaType") not in CONFIG_TYPES:
         raise ImageError(f"{what}: not a container image (config type "
-                         f"{cdesc.get('mediaType')!r})")
-    check_digest(cdesc.get("digest"), f"{what} config")
+                         f"{config.get('mediaType')!r})")
     layers = manifest.get("layers")
     if not isinstance(layers, list):
         raise ImageError(f"{what}: the manifest lists no layers")
@@ -828,10 +836,13 @@ def _layer_descs(manifest: dict, what: str) -> tuple[dict, list[dict]]:
         if not isinstance(d, dict) or d.get("mediaType") not in LAYER_TYPES:
             raise ImageError(f"{what}: unsupported layer type "
                              f"{d.get('mediaType') if isinstance(d, dict) else d!r}")
-        check_digest(d.get("digest"), f"{what} layer")
+    out = []
+    for d in [config, *layers]:
+        digest = check_digest(d.get("digest"), f"{what} blob")
         if not isinstance(d.get("size"), int) or d["size"] < 0:
-            raise ImageError(f"{what}: layer {d['digest']} has no valid size")
-    return cdesc, layers
+            raise ImageError(f"{what}: blob {digest} has no valid size")
+        out.append(Descriptor(d["mediaType"], digest, d["size"]))
+    return out[0], out[1:]
 
 
 def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None,
@@ -844,24 +855,23 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
     with Registry(ref.endpoint, opts, transport, creds) as reg:
         mdata, mdigest, manifest = _resolve(reg, ref, want)
         what = str(ref)
-        cdesc, ldescs = _layer_descs(manifest, what)
-        cdigest = cdesc["digest"]
+        cdesc, ldescs = _image_blobs(manifest, what)
+        cdigest = cdesc.digest
         config = cache.read(cdigest) or reg.blob(ref.repository, cdigest, f"{what} config")
         diff_ids = _diff_ids(verified_json(config, cdigest, f"{what} config"), len(ldescs),
                              f"{what} config")
-        todo = [d for d, diff_id in zip(ldescs, diff_ids)
-                if not store.has_layer(diff_id) and not cache.has(d["digest"])]
-        todo = list({d["digest"]: d for d in todo}.values())
+        todo = list({d.digest: d for d, diff_id in zip(ldescs, diff_ids)
+                     if not store.has_layer(diff_id) and not cache.has(d.digest)}.values())
         summary = PullSummary(str(ref), name or str(ref), mdigest, cdigest, len(ldescs))
-        progress = Progress(sum(d["size"] for d in todo), opts.progress, "pull")
+        progress = Progress(sum(d.size for d in todo), opts.progress, "pull")
         stop = threading.Event()
         pool = concurrent.futures.ThreadPoolExecutor(max(1, opts.jobs), "cowfs-pull")
         try:
-            arrivals = {d["digest"]: Arrival(cache.path(d["digest"])) for d in todo}
+            arrivals = {d.digest: Arrival(cache.path(d.digest)) for d in todo}
 
-            def download(desc: dict) -> int:
-                bar = progress.bar(desc["digest"], desc["size"])
-                arrival = arrivals[desc["digest"]]
+            def download(desc: Descriptor) -> int:
+                bar = progress.bar(desc.digest, desc.size)
+                arrival = arrivals[desc.digest]
                 try:
                     fetched = reg.fetch(ref.repository, desc, cache, bar, stop, arrival)
                 except BaseException as e:
@@ -871,7 +881,7 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
                     bar.close()
                 arrival.finished(None)
                 return fetched
-            futures = {d["digest"]: pool.submit(download, d) for d in todo}
+            futures = {d.digest: pool.submit(download, d) for d in todo}
 
             def opener(digest: str) -> BinaryIO:
                 if digest in arrivals:
@@ -881,9 +891,9 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
                 except FileNotFoundError:
                     raise ImageError(f"layer blob {digest} went missing from "
                                      f"{cache.dir}") from None
-            layers = [LayerRef(what=f"layer blob {d['digest']}", diff_id=diff_id,
-                               digest=d["digest"], media_type=d["mediaType"], size=d["size"],
-                               opener=lambda g=d["digest"]: opener(g))
+            layers = [LayerRef(what=f"layer blob {d.digest}", diff_id=diff_id,
+                               digest=d.digest, media_type=d.media_type, size=d.size,
+                               opener=lambda g=d.digest: opener(g))
                       for d, diff_id in zip(ldescs, diff_ids)]
             cache.put(mdata)  # kept, with the config, for a push of the same digests
             cache.put(config)
@@ -962,12 +972,14 @@ def _push_manifest(rec: dict, cache: BlobCache) -> bytes:
     return json.dumps(fresh, separators=(",", ":")).encode()
 
 
-def _stage_blob(rec: dict, desc: dict, cache: BlobCache) -> str:
+def _stage_blob(rec: dict, digest: str, cache: BlobCache) -> str:
     """The path of a layer blob in the cache, copied (and checked) from where the
     image was imported from if it is not there yet."""
-    digest = check_digest(desc.get("digest"), "layer blob")
     if cache.has(digest):
         return cache.path(digest)
+    # the stored descriptor: an archive import notes the blob's member name there
+    desc = next((d for d in rec["manifest"].get("layers", []) if d.get("digest") == digest),
+                {"digest": digest})
     with _base_blob(rec, desc) as src, cache.incoming(digest) as f:
         if src is None:
             raise ImageError(f"layer blob {digest} of {rec['name']} is not kept in the store "
@@ -994,13 +1006,13 @@ def push(store: Store, image: str, spec: str, opts: RegistryOptions,
     cache = BlobCache(store)
     data = _push_manifest(rec, cache)
     manifest = json.loads(data)
-    cdesc, ldescs = _layer_descs(manifest, rec["name"])
+    cdesc, ldescs = _image_blobs(manifest, rec["name"])
     config = rec["config"].encode()
-    if sha256_digest(config) != cdesc["digest"]:
-        raise _mismatch(f"{rec['name']} config", cdesc["digest"], sha256_digest(config))
-    paths = {cdesc["digest"]: os.path.join(cache.dir, cache.put(config)[7:])}
+    if sha256_digest(config) != cdesc.digest:
+        raise _mismatch(f"{rec['name']} config", cdesc.digest, sha256_digest(config))
+    paths = {cdesc.digest: cache.path(cache.put(config))}
     for d in ldescs:
-        paths.setdefault(d["digest"], _stage_blob(rec, d, cache))
+        paths.setdefault(d.digest, _stage_blob(rec, d.digest, cache))
     mount_from = None
     if rec.get("kind") == "registry":
         src = parse_reference(rec["source"])
@@ -1016,7 +1028,7 @@ def push(store: Store, image: str, spec: str, opts: RegistryOptions,
             def upload(digest: str) -> str:
                 bar = progress.bar(digest, os.path.getsize(paths[digest]))
                 try:
-                    return reg.push_blob(ref.repository, {"digest": digest}, paths[digest],
+                    return reg.push_blob(ref.repository, digest, paths[digest],
                                          mount_from, bar)
                 finally:
                     bar.close()
