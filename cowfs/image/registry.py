@@ -376,8 +376,7 @@ class Registry:
 
     def __init__(self, host: str, opts: RegistryOptions,
                  transport: httpx.BaseTransport | None = None,
-                 creds: Credentials | None = None, sleep: Callable[[float], None] = time.sleep
-                 ) -> None:
+                 creds: Credentials | None = None) -> None:
         self.host = host
         self.opts = opts
         self.base = f"{'http' if opts.plain_http else 'https'}://{host}"
@@ -393,7 +392,6 @@ class Registry:
                                  timeout=httpx.Timeout(60, connect=15),
                                  limits=httpx.Limits(max_connections=max(4, opts.jobs + 1)))
         self.creds = creds
-        self._sleep = sleep
         self._lock = threading.Lock()
         self._tokens: dict[tuple[str, ...], str] = {}
         self._basic = False
@@ -411,7 +409,7 @@ class Registry:
         return urllib.parse.urljoin(self.base, path)
 
     def backoff(self, attempt: int) -> None:
-        self._sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+        time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
 
     def _auth_header(self, scopes: tuple[str, ...]) -> dict[str, str]:
         with self._lock:
@@ -423,18 +421,22 @@ class Registry:
         return {}
 
     def send(self, method: str, url: str, scopes: tuple[str, ...], *,
-             headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
-             body: Callable[[], object] | None = None, stream: bool = False) -> httpx.Response:
-        """One request, authenticated on the registry's first 401, retried with
-        backoff on connection failures and 5xx; other statuses go to the caller."""
+             headers: dict[str, str] | None = None,
+             params: dict[str, str] | list[tuple[str, str]] | None = None,
+             body: Callable[[], object] | None = None, stream: bool = False,
+             auth: bool = True) -> httpx.Response:
+        """One request, authenticated on the registry's first 401 (unless not
+        auth), retried with backoff on connection failures and 5xx; other
+        statuses go to the caller."""
         attempt = 0
-        authenticated = False
+        authenticated = not auth
         full = httpx.URL(self.url(url))
         if params:  # keep the query an upload Location carries (its _state)
             full = full.copy_merge_params(params)
         while True:
             req = self.http.build_request(method, full,
-                                          headers={**(headers or {}), **self._auth_header(scopes)},
+                                          headers={**(headers or {}),
+                                                   **(self._auth_header(scopes) if auth else {})},
                                           content=body() if body else None)  # type: ignore[arg-type]
             try:
                 resp = self.http.send(req, stream=stream)
@@ -489,18 +491,7 @@ class Registry:
         params = [("service", ch.params["service"])] if "service" in ch.params else []
         params += [("scope", s) for s in scopes]
         headers = {"Authorization": self.creds.basic_header()} if self.creds else {}
-        for attempt in range(self.opts.retries + 1):
-            try:
-                resp = self.http.get(realm, params=params, headers=headers)
-            except httpx.TransportError as e:
-                if attempt == self.opts.retries or _tls_failure(e):
-                    raise ImageError(f"{self.host}: token server {realm} unreachable ({e})") \
-                        from None
-                self.backoff(attempt + 1)
-                continue
-            if resp.status_code not in RETRY_STATUS:
-                break
-            self.backoff(attempt + 1)
+        resp = self.send("GET", realm, (), params=params, headers=headers, auth=False)
         if resp.status_code in (401, 403):
             who = f"credentials from {self.creds.source}" if self.creds else "anonymous access"
             raise ImageError(f"{self.host}: authentication refused by {realm} ({who})")
