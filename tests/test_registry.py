@@ -177,6 +177,7 @@ class FakeRegistry:
     fail_5xx: int = 0                              # the first N requests answer 503
     break_blob: dict[str, int] = field(default_factory=dict)  # digest -> cut after N bytes, once
     ranges: bool = True
+    lose_patch_answer: int = 0                     # store the Nth PATCH, then answer 503
     requests: list[str] = field(default_factory=list)
     uploads: dict[str, bytearray] = field(default_factory=dict)
 
@@ -221,9 +222,20 @@ class FakeRegistry:
         if request.url.path.startswith("/upload/"):
             uid = request.url.path.rsplit("/", 1)[1]
             assert request.url.params.get("_state") == "s"
-            self.uploads[uid] += request.read()
+            here = {"Location": f"/upload/{uid}?_state=s"}
+            if request.method == "GET":
+                return httpx.Response(204, headers={
+                    **here, "Range": f"0-{len(self.uploads[uid]) - 1}"})
             if request.method == "PATCH":
-                return httpx.Response(202, headers={"Location": f"/upload/{uid}?_state=s"})
+                start = int(request.headers["content-range"].split("-")[0])
+                if start != len(self.uploads[uid]):
+                    return httpx.Response(416)
+                self.uploads[uid] += request.read()
+                patches = sum(r.startswith("PATCH") for r in self.requests)
+                if patches == self.lose_patch_answer:
+                    return httpx.Response(503)
+                return httpx.Response(202, headers=here)
+            self.uploads[uid] += request.read()
             digest = request.url.params["digest"]
             if sha(bytes(self.uploads[uid])) != digest:
                 return httpx.Response(400, json={"errors": [{"code": "DIGEST_INVALID"}]})
@@ -485,6 +497,18 @@ def test_push_round_trip(fake: FakeRegistry, tmp_path: Path, chunk: int | None) 
     n = len(dest.uploads)
     again = push(store, "fake.test/ns/app:v1", "fake.test/other/app:v3", opts, transport)
     assert len(dest.uploads) == n and "0 uploaded" in str(again)
+
+
+def test_chunked_push_lost_answer(fake: FakeRegistry, tmp_path: Path) -> None:
+    """A chunk that arrived but whose answer was lost is not sent twice: the
+    retry's 416 makes push ask the registry how far the upload got."""
+    store = Store(str(tmp_path / "store"))
+    _pull(store, fake)
+    dest = FakeRegistry(lose_patch_answer=2)
+    opts = RegistryOptions(**{**OPTS.__dict__, "chunk_size": 100_000, "jobs": 1})
+    push(store, "fake.test/ns/app:v1", "fake.test/x/app:v1", opts, httpx.MockTransport(dest))
+    assert dest.blobs == {d: fake.blobs[d] for d in dest.blobs} and len(dest.blobs) == 4
+    assert any(r.startswith("GET /upload/") for r in dest.requests)
 
 
 def test_push_imported_image_keeps_digest(fake: FakeRegistry, tmp_path: Path) -> None:

@@ -670,6 +670,12 @@ class Registry:
                     resp = self.send("PATCH", location, scopes, body=lambda d=data: d, headers={
                         **octets, "Content-Range": f"{offset}-{offset + len(data) - 1}",
                         "Content-Length": str(len(data))})
+                    if resp.status_code == 416:  # a retried chunk had arrived: ask how far
+                        location, got = self._upload_status(location, scopes, what)
+                        bar.update(got - offset)
+                        offset = got
+                        f.seek(offset)
+                        continue
                     if resp.status_code != 202 or "location" not in resp.headers:
                         raise self.error(resp, f"{what} (chunk at {offset})")
                     location = self.url(resp.headers["location"])
@@ -684,6 +690,15 @@ class Registry:
         if resp.status_code != 201:
             raise self.error(resp, what)
         return "uploaded"
+
+    def _upload_status(self, location: str, scopes: tuple[str, ...],
+                       what: str) -> tuple[str, int]:
+        """(location, bytes the registry holds) of an upload in progress."""
+        resp = self.send("GET", location, scopes)
+        m = re.fullmatch(r"0-(\d+)", resp.headers.get("range", ""))
+        if resp.status_code != 204 or not m or "location" not in resp.headers:
+            raise self.error(resp, f"{what} (upload status)")
+        return self.url(resp.headers["location"]), int(m.group(1)) + 1
 
     def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> None:
         resp = self.send("PUT", f"/v2/{repo}/manifests/{reference}", _scopes(repo, "pull,push"),
