@@ -365,7 +365,7 @@ def test_5xx_retried(fake: FakeRegistry, tmp_path: Path) -> None:
     assert len(store.images()) == 1
     fake.fail_5xx = 10
     with pytest.raises(ImageError, match="HTTP 503"):
-        _pull(store, fake, name="x")
+        _pull(store, fake, opts=RegistryOptions(**{**OPTS.__dict__, "retries": 1}), name="x")
 
 
 @pytest.mark.parametrize("ranges", [True, False])
