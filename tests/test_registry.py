@@ -527,9 +527,13 @@ def test_rm_prunes_kept_blobs(fake: FakeRegistry, tmp_path: Path) -> None:
     assert len(kept) == 5  # manifest, config, 3 layers
     store.remove("a")
     assert prune_blobs(store) == 0
-    store.remove("b")
-    assert prune_blobs(store) == 5
-    assert os.listdir(BlobCache(store).dir) == []
+    cache = BlobCache(store)
+    with cache.incoming("sha256:" + "cd" * 32):  # a download in progress stays
+        (Path(cache.incoming_dir) / ("ef" * 32)).write_bytes(b"left by a failed pull")
+        store.remove("b")
+        assert prune_blobs(store) == 5
+    assert os.listdir(cache.dir) == []
+    assert os.listdir(cache.incoming_dir) == ["cd" * 32]
 
 
 def test_push_docker_archive_image(tmp_path: Path) -> None:

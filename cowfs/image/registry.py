@@ -246,7 +246,9 @@ class BlobCache:
             os.unlink(os.path.join(self.incoming_dir, digest[7:]))
 
     def prune(self, keep: set[str]) -> int:
-        """Delete the kept blobs no image refers to; returns how many went."""
+        """Delete the kept blobs no image refers to, and partial downloads no
+        pull is writing now (they are flock'd while it does); returns how
+        many blobs went."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
@@ -256,6 +258,16 @@ class BlobCache:
             if "sha256:" + n not in keep:
                 os.unlink(os.path.join(self.dir, n))
                 gone += 1
+        for n in os.listdir(self.incoming_dir):
+            if not re.fullmatch(r"[0-9a-f]{64}", n):
+                continue  # put()'s short-lived temporary files
+            path = os.path.join(self.incoming_dir, n)
+            with open(path, "rb") as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                os.unlink(path)
         return gone
 
 
