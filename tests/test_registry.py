@@ -397,6 +397,21 @@ def test_interrupted_pull_resumes(fake: FakeRegistry, tmp_path: Path) -> None:
     assert fake.blob_gets()[done:] == [f"GET /v2/ns/app/blobs/{big} bytes=50000-"]
 
 
+def test_bad_partial_download_refetched(fake: FakeRegistry, tmp_path: Path) -> None:
+    """A partial download that is not the blob's start (a disk went bad, the
+    registry's blob changed) is fetched whole once more, not trusted."""
+    manifest = json.loads(fake.manifests["ns/app:v1"][0])
+    d = manifest["layers"][0]["digest"]
+    store = Store(str(tmp_path / "store"))
+    cache = BlobCache(store)
+    cache.ensure()
+    (Path(cache.incoming_dir) / d[7:]).write_bytes(b"garbage" * 1000)
+    _pull(store, fake)
+    assert [r for r in fake.blob_gets() if d in r] == [
+        f"GET /v2/ns/app/blobs/{d} bytes=7000-", f"GET /v2/ns/app/blobs/{d}"]
+    assert cache.read(d) == fake.blobs[d]
+
+
 def test_tampered_blob(fake: FakeRegistry, tmp_path: Path) -> None:
     manifest = json.loads(fake.manifests["ns/app:v1"][0])
     d = manifest["layers"][0]["digest"]

@@ -604,48 +604,55 @@ class Registry:
                 sha.update(chunk)
             offset = f.tell()
             bar.update(offset)
-            arrival.started(f.name, offset)
             fetched = 0
-            broken = 0
+            resumed = offset > 0
+            if not resumed:  # a partial file is only known good at the end: no following it
+                arrival.started(f.name, offset)
             while True:
-                headers = {"Accept-Encoding": "identity"}
-                if offset:
-                    headers["Range"] = f"bytes={offset}-"
-                resp = self.send("GET", f"/v2/{repo}/blobs/{digest}", _scopes(repo, "pull"),
-                                 headers=headers, stream=True)
-                try:
-                    if resp.status_code == 416 and offset:  # more than the blob: start over
-                        sha, offset = _restart(f, bar, offset)
-                        continue
-                    if resp.status_code not in (200, 206):
-                        raise self.error(resp, what)
-                    if offset and resp.status_code == 200:  # no ranges here: from the start
-                        sha, offset = _restart(f, bar, offset)
-                    for chunk in resp.iter_bytes():  # as received: a break loses nothing
-                        if stop.is_set():
-                            raise ImageError(f"{what}: download stopped")
-                        f.write(chunk)
-                        f.flush()
-                        sha.update(chunk)
-                        offset += len(chunk)
-                        arrival.grew(offset)
-                        fetched += len(chunk)
-                        bar.update(len(chunk))
-                        if offset > size:
-                            break
+                broken = 0
+                while offset < size:
+                    headers = {"Accept-Encoding": "identity"}
+                    if offset:
+                        headers["Range"] = f"bytes={offset}-"
+                    resp = self.send("GET", f"/v2/{repo}/blobs/{digest}", _scopes(repo, "pull"),
+                                     headers=headers, stream=True)
+                    try:
+                        if resp.status_code == 416 and offset:  # more than the blob: anew
+                            sha, offset = _restart(f, bar, offset)
+                            continue
+                        if resp.status_code not in (200, 206):
+                            raise self.error(resp, what)
+                        if offset and resp.status_code == 200:  # no ranges here: anew
+                            sha, offset = _restart(f, bar, offset)
+                        for chunk in resp.iter_bytes():  # as received: a break loses nothing
+                            if stop.is_set():
+                                raise ImageError(f"{what}: download stopped")
+                            f.write(chunk)
+                            f.flush()
+                            sha.update(chunk)
+                            offset += len(chunk)
+                            arrival.grew(offset)
+                            fetched += len(chunk)
+                            bar.update(len(chunk))
+                            if offset > size:
+                                break
+                        break
+                    except httpx.TransportError as e:  # the connection broke mid-blob
+                        broken += 1
+                        if broken > self.opts.retries:
+                            raise ImageError(f"{what}: download broke off at byte {offset} "
+                                             f"({e or type(e).__name__}); run the pull again "
+                                             "to resume") from None
+                        self.backoff(broken)
+                    finally:
+                        resp.close()
+                got = "sha256:" + sha.hexdigest()
+                if got == digest and offset == size:
                     break
-                except httpx.TransportError as e:  # the connection broke mid-blob
-                    broken += 1
-                    if broken > self.opts.retries:
-                        raise ImageError(f"{what}: download broke off at byte {offset} "
-                                         f"({e or type(e).__name__}); run the pull again to "
-                                         "resume") from None
-                    f.flush()
-                    self.backoff(broken)
-                finally:
-                    resp.close()
-            got = "sha256:" + sha.hexdigest()
-            if got != digest or offset != size:
+                if resumed:  # the partial file was not the blob's start: once more, whole
+                    sha, offset = _restart(f, bar, offset)
+                    resumed = False
+                    continue
                 cache.discard(digest)
                 raise _mismatch(what, digest, got if offset == size
                                 else f"{offset} bytes of {size}")
