@@ -236,6 +236,20 @@ def cmd_commit(ns: argparse.Namespace) -> int:
     return 0
 
 
+def add_registry_arguments(p: argparse.ArgumentParser) -> None:
+    """The options pull and push share."""
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS")
+    p.add_argument("--ca-file", metavar="PEM", help="trust this CA for the registry's TLS")
+    p.add_argument("--authfile", metavar="FILE",
+                   help="credentials (auth.json format; default: $REGISTRY_AUTH_FILE, "
+                        "containers auth.json, ~/.docker/config.json)")
+    p.add_argument("--retries", type=int, default=4, metavar="N",
+                   help="retries on connection failures and 5xx, with backoff (default 4)")
+    p.add_argument("-j", "--jobs", type=int, default=3, metavar="N",
+                   help="blobs transferred at once (default 3)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     store_help = "the layer store (default: $COWFS_STORE, /var/lib/cowfs as root, " \
                  "else ~/.local/share/cowfs)"
@@ -254,7 +268,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_guard(cmd_import))
 
-    from .registry import add_registry_arguments
     p = with_store(isub.add_parser("pull", help="pull an image from a registry into the store"))
     p.add_argument("reference", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
     p.add_argument("--name", help="store the image under this name (default: the reference)")

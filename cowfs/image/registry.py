@@ -1071,20 +1071,6 @@ def push(store: Store, image: str, spec: str, opts: RegistryOptions,
 
 # -- command-line options ------------------------------------------------------------
 
-def add_registry_arguments(p: argparse.ArgumentParser) -> None:
-    """The options pull and push share."""
-    p.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS")
-    p.add_argument("--ca-file", metavar="PEM", help="trust this CA for the registry's TLS")
-    p.add_argument("--authfile", metavar="FILE",
-                   help="credentials (auth.json format; default: $REGISTRY_AUTH_FILE, "
-                        "containers auth.json, ~/.docker/config.json)")
-    p.add_argument("--retries", type=int, default=4, metavar="N",
-                   help="retries on connection failures and 5xx, with backoff (default 4)")
-    p.add_argument("-j", "--jobs", type=int, default=3, metavar="N",
-                   help="blobs transferred at once (default 3)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
 def options_from(ns: argparse.Namespace) -> RegistryOptions:
     if ns.retries < 0 or ns.jobs < 1:
         raise UsageError("--retries must be >= 0 and --jobs >= 1")
