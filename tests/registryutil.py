@@ -152,7 +152,9 @@ class RegistryServer:
         return link.read_text().strip()
 
 
+@contextlib.contextmanager
 def running(server: RegistryServer) -> Iterator[RegistryServer]:
+    """The server started, and stopped (by PID) however the block ends."""
     server.start()
     try:
         yield server

@@ -30,7 +30,8 @@ PLAIN = "--plain-http"
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[RegistryServer]:
-    yield from running(RegistryServer(tmp_path / "registry"))
+    with running(RegistryServer(tmp_path / "registry")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -140,7 +141,7 @@ def test_basic_auth_and_tls(tmp_path: Path, layout: Path) -> None:
             "auth": base64.b64encode(f"alice:{pw}".encode()).decode()}}}))
     store = tmp_path / "store"
     cowfs("image", "import", f"{layout}:v1", "--name", "local", "-q", store=store)
-    for _ in running(server):
+    with running(server):
         dest = f"{server.host}/sec/app:v1"
         res = cowfs("image", "push", "local", dest, "--authfile", str(good), store=store,
                     check=False)
@@ -215,6 +216,8 @@ def test_bad_references(registry: RegistryServer, layout: Path, tmp_path: Path) 
         res = cowfs("image", "pull", PLAIN, *args, store=store, check=False)
         assert res.returncode == 1, res
         assert msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = cowfs("image", "pull", f"{registry.host}/br/app:v1", store=store, check=False)
+    assert res.returncode == 1 and "TLS failed" in res.stderr and "--plain-http" in res.stderr
     res = cowfs("image", "pull", PLAIN, "Bad/Name", store=store, check=False)
     assert res.returncode == 2 and "invalid repository name" in res.stderr
     assert _state(store) == ([], [])
