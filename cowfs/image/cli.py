@@ -62,6 +62,21 @@ def _layer_bytes(store: Store, chain_id: str) -> int:
         return 0
 
 
+def cmd_pull(ns: argparse.Namespace) -> int:
+    from .registry import options_from, pull  # httpx only for the registry commands
+    summary = pull(_store(ns), ns.reference, options_from(ns), ns.name)
+    for w in summary.warnings:
+        _warn(w)
+    print(summary)
+    return 0
+
+
+def cmd_push(ns: argparse.Namespace) -> int:
+    from .registry import options_from, push
+    print(push(_store(ns), ns.image, ns.reference, options_from(ns)))
+    return 0
+
+
 def cmd_ls(ns: argparse.Namespace) -> int:
     store = _store(ns)
     images, problems = store.scan_images()
@@ -103,6 +118,8 @@ def cmd_rm(ns: argparse.Namespace) -> int:
     if usage.problems:
         print("deleted no layers: the store has unreadable records (fix or remove them)")
         return 1
+    from .registry import prune_blobs
+    prune_blobs(store)  # the blobs kept for push that no image uses any more
     print(f"deleted {len(deleted)} unused layer(s); {len(usage.users)} still in use")
     return 0
 
@@ -241,6 +258,20 @@ def cmd_commit(ns: argparse.Namespace) -> int:
     return 0
 
 
+def add_registry_arguments(p: argparse.ArgumentParser) -> None:
+    """The options pull and push share."""
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS")
+    p.add_argument("--ca-file", metavar="PEM", help="trust this CA for the registry's TLS")
+    p.add_argument("--authfile", metavar="FILE",
+                   help="credentials (auth.json format; default: $REGISTRY_AUTH_FILE, "
+                        "containers auth.json, ~/.docker/config.json)")
+    p.add_argument("--retries", type=int, default=4, metavar="N",
+                   help="retries on connection failures and 5xx, with backoff (default 4)")
+    p.add_argument("-j", "--jobs", type=int, default=3, metavar="N",
+                   help="blobs transferred at once (default 3)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     store_help = "the layer store (default: $COWFS_STORE, /var/lib/cowfs as root, " \
                  "else ~/.local/share/cowfs)"
@@ -258,6 +289,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="store the image under this name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_guard(cmd_import))
+
+    p = with_store(isub.add_parser("pull", help="pull an image from a registry into the store"))
+    p.add_argument("reference", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+    p.add_argument("--name", help="store the image under this name (default: the reference)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="which manifest of an image index (default: this host's)")
+    add_registry_arguments(p)
+    p.set_defaults(func=_guard(cmd_pull))
+
+    p = with_store(isub.add_parser("push", help="push an image from the store to a registry"))
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("reference", metavar="REGISTRY/REPO[:TAG]")
+    p.add_argument("--chunk-size", type=int, metavar="BYTES",
+                   help="upload in chunks of BYTES (default: each blob in one request)")
+    add_registry_arguments(p)
+    p.set_defaults(func=_guard(cmd_push))
 
     p = with_store(isub.add_parser("ls", help="list images and containers"))
     p.add_argument("--layers", action="store_true", help="also list layers and their users")
