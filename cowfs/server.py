@@ -152,6 +152,7 @@ class OverlayServer(Operations):
         return None if node is None else self._entry(node)
 
     def forget(self, v: View) -> None:
+        self._drop_backing(v)
         node = v.node
         if self._fault and node.name.startswith(self._fault + b"forget"):
             raise RuntimeError(f"fault injected: forget {node.name!r}")
@@ -220,6 +221,9 @@ class OverlayServer(Operations):
         if not (self.passthrough and stat.S_ISREG(node.mode)):
             return Opened(fh, Fopen.KEEP_CACHE | Fopen.NOFLUSH)
         b = v.backing
+        if b is not None and b.gen != node.gen and b.opens == 0:
+            self._drop_backing(v)       # (kept from earlier opens of the old copy)
+            b = None
         if b is None:
             assert self.session is not None
             b = v.backing = Backing(self.session.backing_open(h.fd), node.gen)
@@ -274,13 +278,15 @@ class OverlayServer(Operations):
     def release(self, v: View, fh: int) -> None:
         of = self.files.pop(fh)
         file.release(of.handle)
-        b = v.backing
-        if of.passthrough and b is not None:
-            b.opens -= 1
-            if b.opens == 0:
-                v.backing = None
-                assert self.session is not None
-                self.session.backing_close(b.id)
+        if of.passthrough and v.backing is not None:
+            # The backing file stays registered while the kernel knows the inode:
+            # the next open needs no ioctls.
+            v.backing.opens -= 1
+
+    def _drop_backing(self, v: View) -> None:
+        b, v.backing = v.backing, None
+        if b is not None and self.session is not None:
+            self.session.backing_close(b.id)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
