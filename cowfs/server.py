@@ -30,6 +30,7 @@ from .overlay.readdir import merged_names
 
 log = logging.getLogger("cowfs")
 
+BIG_IO = 256 * 1024     # reads and writes at least this big run without the core lock
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syncfs.argtypes = [ctypes.c_int]
@@ -96,6 +97,7 @@ class OverlayServer(Operations):
 
     def attach(self, session: Session) -> None:
         self.session = session
+        self.ov.before_block = session.hand_off
         self.ov.events.request_counts = lambda: {
             _op_name(op): n for op, n in list(session.counters.items())}
 
@@ -270,10 +272,16 @@ class OverlayServer(Operations):
         return h
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.ov.unlocked(os.pread, self._handle(fh).fd, size, off)
+        fd = self._handle(fh).fd
+        if size < BIG_IO:
+            return os.pread(fd, size, off)     # (a page-cache hit: handing off costs more)
+        return self.ov.unlocked(os.pread, fd, size, off)
 
     def write(self, fh: int, off: int, data: memoryview) -> int:
-        return self.ov.unlocked(os.pwrite, self._handle(fh).fd, data, off)
+        fd = self._handle(fh).fd
+        if len(data) < BIG_IO:
+            return os.pwrite(fd, data, off)
+        return self.ov.unlocked(os.pwrite, fd, data, off)
 
     def release(self, v: View, fh: int) -> None:
         of = self.files.pop(fh)

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -103,3 +104,36 @@ def test_mount_record_survives_json(tmp_path):
         assert json.loads(json.dumps(rec))["upperdir"] == str(up)
         out = subprocess.run(["grep", str(m), "/proc/mounts"], capture_output=True, text=True)
         assert out.stdout.split()[:3] == ["cowfs", str(m), "fuse.cowfs"]
+
+
+def test_a_large_copy_up_does_not_stall_other_requests(tmp_path):
+    """Other requests are served while a copy-up copies data: the listing below
+    returns while the copy is still in work/ (a stalled daemon would answer it
+    only once the copy was renamed into place)."""
+    lower, up, work, mnt = _dirs(tmp_path)
+    with open(lower / "big", "wb") as f:
+        for _ in range(512):
+            f.write(b"\1" * (1 << 20))
+    with cowfs_mount([lower], up, work, mnt) as m:
+        done = threading.Event()
+
+        def writer() -> None:
+            with open(m / "big", "ab") as f:
+                f.write(b"tail")
+            done.set()
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            for _ in range(2000):
+                if any(n.startswith("#cowfs") for n in os.listdir(work / "work")):
+                    break
+                time.sleep(0.005)
+            else:
+                pytest.fail("the copy-up never showed in work/")
+            assert sorted(os.listdir(m / "etc")) == ["hosts"]
+            os.stat(m / "etc/hosts")
+            in_progress = any(n.startswith("#cowfs") for n in os.listdir(work / "work"))
+            assert in_progress and not done.is_set()
+        finally:
+            t.join()
+    assert (up / "big").stat().st_size == 512 * (1 << 20) + 4

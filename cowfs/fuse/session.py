@@ -2,10 +2,13 @@
 files and notifications.
 
 Requests are read by a few worker threads, each on its own clone of the
-/dev/fuse fd (replies go back on the fd a request came from).  Each request is
-handled holding the filesystem's lock, so the filesystem sees one request at a
-time and may release the lock around blocking work; the node table is kept
-under the same lock.  Notifications are sent by a thread of their own: the
+/dev/fuse fd (replies go back on the fd a request came from), one at a time:
+the worker that reads keeps reading until the filesystem is about to block
+(hand_off()), and only then does a waiting worker take over.  Idle threads all
+waiting in read(2) cost twice the CPU per request (measured: bench/PROFILE.md).
+Each request is handled holding the filesystem's lock, so the filesystem sees
+one request at a time and may release the lock around blocking work; the node
+table is kept under the same lock.  Notifications are sent by a thread of their own: the
 kernel may block them on locks held by callers whose requests are still
 queued here.
 """
@@ -82,6 +85,9 @@ class Session:
         self._notes: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # The worker reading /dev/fuse now (the others wait for the role).
+        self._role = threading.Condition(threading.Lock())
+        self._reader: threading.Thread | None = None
         self._worker_fds: list[int] = []
         self.counters: dict[int, int] = {}     # requests served, by opcode
         ev, ea = _split_time(cfg.entry_timeout)
@@ -179,6 +185,22 @@ class Session:
     def stop(self) -> None:
         self._stop.set()
         self._notes.put(None)
+        with self._role:
+            self._role.notify_all()
+
+    def hand_off(self) -> None:
+        """The calling worker is about to block: let another one read meanwhile."""
+        if self._reader is threading.current_thread():
+            with self._role:
+                self._reader = None
+                self._role.notify()
+
+    def _take_role(self, me: threading.Thread) -> bool:
+        with self._role:
+            while self._reader is not None and not self._stop.is_set():
+                self._role.wait()
+            self._reader = me
+        return not self._stop.is_set()
 
     def _clone(self) -> int:
         try:
@@ -199,7 +221,10 @@ class Session:
         hsize = abi.IN_HEADER.size
         handlers = self._handlers
         counters = self.counters
+        me = threading.current_thread()
         while not self._stop.is_set():
+            if self._reader is not me and not self._take_role(me):
+                return
             try:
                 n = os.readv(fd, [buf])
             except OSError as e:

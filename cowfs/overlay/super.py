@@ -75,6 +75,8 @@ class Overlay:
         # Does whoever serves the overlay still hold node (the kernel's lookup
         # count)?  A deleted file it holds lives on as an orphan in work/.
         self.is_held: Callable[[Node], bool] = lambda node: False
+        # Told before blocking work, so the server can go on serving meanwhile.
+        self.before_block: Callable[[], None] = lambda: None
 
     def _open_work(self) -> int:
         """workdir/work, emptied: leftovers of an interrupted copy-up never show."""
@@ -103,6 +105,7 @@ class Overlay:
 
     def unlocked(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work without the core lock (the caller holds it)."""
+        self.before_block()
         self.lock.release()
         try:
             return fn(*args)
