@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 from backends import CLASSES, MountError, MountTimeout, cleanup_stale, unmount  # noqa: E402
 from config import BACKENDS, METRICS, WORKLOADS, Config, human_size, quick_config  # noqa: E402
 from data import SUBDIRS_BY_WORKLOAD, Data  # noqa: E402
+from events_overhead import BEGIN as KEPT_BEGIN, END as KEPT_END  # noqa: E402
 import report  # noqa: E402
 from workloads import RUNNERS, Ctx, StepError, applies  # noqa: E402
 
@@ -378,7 +379,16 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
             lines.append(f"- {f['backend']} / {f['workload']} / L={f['layers']} "
                          f"(run {f['repeat']}): {f['error']}")
         lines.append("")
+    lines += kept_sections(path)
     path.write_text("\n".join(lines))
+
+
+def kept_sections(path: Path) -> list[str]:
+    """Sections other scripts keep in RESULTS.md (bench/events_overhead.py's)."""
+    old = path.read_text() if path.exists() else ""
+    if KEPT_BEGIN not in old:
+        return []
+    return [KEPT_BEGIN + old.split(KEPT_BEGIN, 1)[1].split(KEPT_END, 1)[0] + KEPT_END, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,18 +11,27 @@ import argparse
 import os
 import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from .overlay.params import UsageError, parse_mount_options, validate
 
-SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit"}
+SUBCOMMANDS = {"mount", "umount", "demo", "image", "diff", "commit", "snapshotter",
+               "trace", "stats", "explain", "which", "watch", "lesson"}
 
 
-def _version() -> str:
-    try:
-        return version("cowfs")
-    except PackageNotFoundError:
-        return "unknown"
+class _Version(argparse.Action):
+    """--version, looked up only when asked (importlib.metadata costs a mount ~40 ms)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            v = version("cowfs")
+        except PackageNotFoundError:
+            v = "unknown"
+        print(f"cowfs {v}")
+        parser.exit()
 
 
 def _mount_parser() -> argparse.ArgumentParser:
@@ -32,7 +41,7 @@ def _mount_parser() -> argparse.ArgumentParser:
               "       cowfs SOURCE MNT -o OPTS\n"
               f"       cowfs {{{','.join(sorted(SUBCOMMANDS))}}} ...",
         description="Mount layer directories as one copy-on-write tree.")
-    p.add_argument("--version", action="version", version=f"cowfs {_version()}")
+    p.add_argument("--version", action=_Version)
     p.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTS")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground")
@@ -90,7 +99,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 def _command_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cowfs")
-    p.add_argument("--version", action="version", version=f"cowfs {_version()}")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mount", help="mount layers (top layer first)")
@@ -116,7 +125,11 @@ def _command_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from .image.cli import add_commands  # only subcommands pay for importing it
+    from .teach.cli import add_commands as add_teach_commands
     add_commands(sub)
+    add_teach_commands(sub)
+    from .snapshot.cli import add_commands as add_snapshotter_commands
+    add_snapshotter_commands(sub)
     return p
 
 

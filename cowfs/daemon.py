@@ -12,13 +12,12 @@ import logging
 import os
 import signal
 import sys
-import threading
 
-from . import fuse
+from . import control, fuse
 from .overlay import Overlay
 from .overlay.params import MountConfig
 from .server import OverlayServer
-from .state import forget_mount, log_path, record_mount
+from .state import forget_mount, hold_mount_locks, log_path, record_mount
 
 log = logging.getLogger("cowfs")
 
@@ -49,7 +48,9 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
     try:
         overlay = Overlay(cfg)
         server = OverlayServer(overlay, _passthrough_wanted(cfg))
+        hold_mount_locks(cfg.lowerdirs, cfg.upperdir, cfg.workdir)
         record_mount(cfg)
+        ctl = control.start(overlay, cfg)
         fd = fuse.mount(mount_spec(cfg))
         session = fuse.Session(server, fd, fuse.Config(
             entry_timeout=TIMEOUT, attr_timeout=TIMEOUT, negative_timeout=TIMEOUT,
@@ -71,25 +72,26 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
         _detach_stdio()
-    stop = threading.Event()
+    signalled: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
+        signalled.append(signum)
+        session.stop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
         session.start()
-        while not stop.is_set() and not session.stopped():
-            stop.wait(1.0)
+        session.wait()      # until umount (the kernel ends the connection) or a signal
     except Exception:
         log.exception("cowfs: daemon failed")
         raise
     finally:
-        if not session.stopped():
+        if signalled:
             # A signal, not umount(8): the mount is still ours to remove.  (After
             # umount the path may already hold someone else's new mount.)
             _unmount(cfg.mountpoint)
         session.stop()
+        ctl.close()
         overlay.close()
         forget_mount(cfg.mountpoint)
     return 0

@@ -19,17 +19,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .fuse import NOW, Ctx, DirEntry, Entry, Opened, Operations, Session, SetAttr
-from .fuse.abi import Fopen, Init, dirent_type, pack_attr
+from .fuse.abi import Fopen, Init, Op, dirent_type, pack_attr
 from .overlay import Overlay
 from .overlay import dir as dir_ops
 from .overlay import file, inode, xattrs
 from .overlay.inode import ATTR_IOCTLS
 from .overlay.inodes import Node
-from .overlay.namei import lookup
+from .overlay.namei import lookup, lookup_listed
 from .overlay.readdir import merged_names
 
 log = logging.getLogger("cowfs")
 
+BIG_IO = 256 * 1024     # reads and writes at least this big run without the core lock
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syncfs.argtypes = [ctypes.c_int]
@@ -90,9 +91,15 @@ class OverlayServer(Operations):
         self.root = self._view(ov.root)
         self._next_fh = 0
         ov.is_held = self._held
+        # Test hook: names starting with $COWFS_FAULT make lookup ("...lookup")
+        # or forget ("...forget") raise, to show the daemon survives a bug.
+        self._fault = os.fsencode(os.environ.get("COWFS_FAULT", "")) or None
 
     def attach(self, session: Session) -> None:
         self.session = session
+        self.ov.before_block = session.hand_off
+        self.ov.events.request_counts = lambda: {
+            _op_name(op): n for op, n in list(session.counters.items())}
 
     def init(self, caps: int) -> None:
         self.passthrough = bool(caps & Init.PASSTHROUGH)
@@ -116,6 +123,8 @@ class OverlayServer(Operations):
             # Lower entries never change while mounted: encode them once.
             if node.attr is None:
                 node.attr = self._encode(node)
+            else:
+                self.ov.events.count_cache_hit()
             return node.attr
         return self._encode(node)
 
@@ -137,13 +146,18 @@ class OverlayServer(Operations):
 
     # -- names -------------------------------------------------------------
     def lookup(self, parent: View, name: bytes, ctx: Ctx) -> Entry | None:
+        if self._fault and name.startswith(self._fault + b"lookup"):
+            raise RuntimeError(f"fault injected: lookup {name!r}")
         node = lookup(self.ov, parent.node, name)
         # None: a negative entry the kernel may cache; creation through the
         # mount replaces it, and nothing else changes the layers.
         return None if node is None else self._entry(node)
 
     def forget(self, v: View) -> None:
+        self._drop_backing(v)
         node = v.node
+        if self._fault and node.name.startswith(self._fault + b"forget"):
+            raise RuntimeError(f"fault injected: forget {node.name!r}")
         if self.views.get(node) is v:
             del self.views[node]
         else:
@@ -207,8 +221,11 @@ class OverlayServer(Operations):
         fh = self._fh()
         of = self.files[fh] = OpenFile(h, v)
         if not (self.passthrough and stat.S_ISREG(node.mode)):
-            return Opened(fh, Fopen.KEEP_CACHE)
+            return Opened(fh, Fopen.KEEP_CACHE | Fopen.NOFLUSH)
         b = v.backing
+        if b is not None and b.gen != node.gen and b.opens == 0:
+            self._drop_backing(v)       # (kept from earlier opens of the old copy)
+            b = None
         if b is None:
             assert self.session is not None
             b = v.backing = Backing(self.session.backing_open(h.fd), node.gen)
@@ -225,7 +242,9 @@ class OverlayServer(Operations):
             raise OSError(errno.ESTALE, "file copied up under passthrough readers")
         b.opens += 1
         of.passthrough = True
-        return Opened(fh, 0, b.id)
+        self.ov.events.count_passthrough_open()
+        # (no FLUSH requests: nothing is buffered here, and no locks are kept)
+        return Opened(fh, Fopen.NOFLUSH, b.id)
 
     def open(self, v: View, flags: int, ctx: Ctx) -> Opened:
         if self.views.get(v.node) is not v and stat.S_ISREG(v.node.mode) and self.passthrough:
@@ -253,21 +272,29 @@ class OverlayServer(Operations):
         return h
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.ov.unlocked(os.pread, self._handle(fh).fd, size, off)
+        fd = self._handle(fh).fd
+        if size < BIG_IO:
+            return os.pread(fd, size, off)     # (a page-cache hit: handing off costs more)
+        return self.ov.unlocked(os.pread, fd, size, off)
 
     def write(self, fh: int, off: int, data: memoryview) -> int:
-        return self.ov.unlocked(os.pwrite, self._handle(fh).fd, data, off)
+        fd = self._handle(fh).fd
+        if len(data) < BIG_IO:
+            return os.pwrite(fd, data, off)
+        return self.ov.unlocked(os.pwrite, fd, data, off)
 
     def release(self, v: View, fh: int) -> None:
         of = self.files.pop(fh)
         file.release(of.handle)
-        b = v.backing
-        if of.passthrough and b is not None:
-            b.opens -= 1
-            if b.opens == 0:
-                v.backing = None
-                assert self.session is not None
-                self.session.backing_close(b.id)
+        if of.passthrough and v.backing is not None:
+            # The backing file stays registered while the kernel knows the inode:
+            # the next open needs no ioctls.
+            v.backing.opens -= 1
+
+    def _drop_backing(self, v: View) -> None:
+        b, v.backing = v.backing, None
+        if b is not None and self.session is not None:
+            self.session.backing_close(b.id)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
@@ -320,7 +347,7 @@ class OverlayServer(Operations):
                 n = d.node if i == 0 else (d.node.parent or d.node)
                 yield DirEntry(name, n.ino, stat.S_IFDIR >> 12, i + 1)
                 continue
-            child = lookup(self.ov, d.node, name)
+            child = lookup_listed(self.ov, d.node, name)
             if child is None:
                 continue
             if plus:
@@ -363,6 +390,13 @@ class OverlayServer(Operations):
 
     def removexattr(self, v: View, name: bytes, ctx: Ctx) -> None:
         xattrs.removexattr(self.ov, v.node, os.fsdecode(name))
+
+
+def _op_name(opcode: int) -> str:
+    try:
+        return Op(opcode).name.lower()
+    except ValueError:
+        return str(opcode)
 
 
 class _umask:

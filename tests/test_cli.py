@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.overlay.params import UsageError, parse_mount_options, split_options
+from cowfs.overlay.params import UsageError, parse_mount_options, split_options, validate
 
 from .conftest import write
 from .mountutil import COWFS, is_mountpoint, mounted, unmount
@@ -39,11 +39,92 @@ def test_parse_resolves_relative_paths(tmp_path, monkeypatch):
     (["lowerdir=a,upperdir=u"], "together"),
     (["lowerdir=a,workdir=w"], "together"),
     (["lowerdir=a,frobnicate"], "unknown mount option 'frobnicate'"),
-    (["lowerdir=a::b"], "empty path"),
+    (["lowerdir=a:"], "empty path"),
+    (["lowerdir=::b"], "empty path"),
+    (["lowerdir=a:::b"], "empty path"),
+    (["lowerdir=a::d:b"], "regular layer after data-only"),
+    (["lowerdir=a::d,metacopy=off"], "data-only lower layers"),
+    (["lowerdir=a", "lowerdir=b"], "lowerdir= given twice"),
+    (["lowerdir=a,upperdir=u,workdir=w,upperdir=v"], "upperdir= given twice"),
+    (["lowerdir=a,redirect_dir=sideways"], "bad value for redirect_dir"),
+    (["lowerdir=a,metacopy=yes"], "bad value for metacopy"),
+    (["lowerdir=a,index=1"], "bad value for index"),
+    (["lowerdir=a,xino=maybe"], "bad value for xino"),
+    (["lowerdir=a,upperdir=u,workdir=w,metacopy=on,redirect_dir=follow"],
+     "conflicting options: metacopy=on,redirect_dir=follow"),
+    (["lowerdir=a,userxattr,redirect_dir=on"], "conflicting options: userxattr,redirect_dir=on"),
+    (["lowerdir=a,userxattr,metacopy=on"], "conflicting options: userxattr,metacopy=on"),
+    (["lowerdir=a,uidmapping=0:1000"], "bad value for uidmapping"),
+    (["lowerdir=a,gidmapping=0:1000:0"], "bad value for gidmapping"),
+    (["lowerdir=a,uidmapping=0:x:1"], "bad value for uidmapping"),
+    (["lowerdir=a,squash_to_root"], "'squash_to_root' is not supported"),
+    (["lowerdir=a,squash_to_uid=0"], "'squash_to_uid=0' is not supported"),
+    (["lowerdir=a,static_nlink"], "'static_nlink' is not supported"),
+    (["lowerdir=a,noxattrs=1"], "'noxattrs=1' is not supported"),
 ])
 def test_parse_errors(opts, msg):
     with pytest.raises(UsageError, match=msg):
         parse_mount_options(opts, "/mnt")
+
+
+def _cfg(*opts: str):
+    return parse_mount_options(list(opts), "/mnt")
+
+
+def test_parse_escaped_paths_and_data_layers():
+    cfg = _cfg(r"lowerdir=/l\:1:/l\,2::/d\:1::/d2,upperdir=/u\,p,workdir=/w,fsname=my\,fs")
+    assert cfg.lowerdirs == ["/l:1", "/l,2", "/d:1", "/d2"] and cfg.data_layers == 2
+    assert cfg.upperdir == "/u,p" and cfg.fsname == "my,fs"
+
+
+def test_redirect_modes_like_the_kernel():
+    up = "lowerdir=/l,upperdir=/u,workdir=/w"
+    # cowfs' defaults: redirects written and followed, metacopy on
+    cfg = _cfg(up)
+    assert (cfg.redirect_dir, cfg.follow_redirects, cfg.metacopy) == ("on", True, True)
+    # follow: follow, never write; an explicit redirect_dir turns the default metacopy off
+    cfg = _cfg(up + ",redirect_dir=follow")
+    assert (cfg.redirect_dir, cfg.follow_redirects, cfg.metacopy) == ("follow", True, False)
+    # off still follows (redirect_always_follow=Y, the kernel's default)
+    cfg = _cfg(up + ",redirect_dir=off")
+    assert (cfg.follow_redirects, cfg.metacopy) == (True, False)
+    cfg = _cfg(up + ",redirect_dir=nofollow")
+    assert (cfg.follow_redirects, cfg.metacopy) == (False, False)
+    # metacopy=on alone turns redirect_dir on
+    assert _cfg(up + ",redirect_dir=on,metacopy=off").metacopy is False
+    # no upper: follow is on (nothing is written)
+    assert _cfg("lowerdir=/l,redirect_dir=follow,metacopy=on").redirect_dir == "on"
+
+
+def test_userxattr_turns_redirects_and_metacopy_off():
+    cfg = _cfg("lowerdir=/l,upperdir=/u,workdir=/w,userxattr")
+    assert cfg.userxattr and (cfg.redirect_dir, cfg.metacopy) == ("nofollow", False)
+    assert _cfg("lowerdir=/l,userxattr,redirect_dir=nofollow").redirect_dir == "nofollow"
+
+
+def test_id_mappings_parse_as_fuse_overlayfs_takes_them():
+    from cowfs.overlay.params import IdRange
+    cfg = _cfg("lowerdir=/l,uidmapping=0:1000:1:1:110000:65536,gidmapping=0:1000:1")
+    assert cfg.uidmapping == (IdRange(0, 1000, 1), IdRange(1, 110000, 65536))
+    assert cfg.gidmapping == (IdRange(0, 1000, 1),)
+
+
+def test_index_xino_and_the_rest():
+    cfg = _cfg("lowerdir=/l,upperdir=/u,workdir=/w,index=on,xino=off")
+    assert cfg.index and cfg.xino == "off"
+    assert not _cfg("lowerdir=/l,index=on").index   # useless without an upper: off
+    assert not _cfg("lowerdir=/l").index
+
+
+def test_same_directory_twice_is_refused(dirs):
+    d = dirs
+    cfg = parse_mount_options([f"lowerdir={d['low']}:{d['low']}/."], str(d["mnt"]))
+    with pytest.raises(UsageError, match="in the layer stack twice"):
+        validate(cfg)
+    cfg = parse_mount_options([f"lowerdir={d['low']},upperdir={d['low']},workdir={d['work']}"],
+                              str(d["mnt"]))
+    with pytest.raises(UsageError, match="in the layer stack twice"):
+        validate(cfg)
 
 
 def test_version():
@@ -84,7 +165,7 @@ def test_bad_inputs(dirs, tmp_path):
     (up / "w").mkdir()
     assert "inside" in _bad(dirs, f"lowerdir={low},upperdir={up},workdir={up}/w")
     os.rmdir(up / "w")
-    assert "also a lowerdir" in _bad(dirs, f"lowerdir={up},upperdir={up},workdir={work}")
+    assert "in the layer stack twice" in _bad(dirs, f"lowerdir={up},upperdir={up},workdir={work}")
     shm = Path("/dev/shm") / f"cowfs-test-{os.getpid()}"
     shm.mkdir()
     try:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
+import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -11,9 +14,9 @@ import pytest
 
 from cowfs.image.errors import ImageError
 from cowfs.image.oci import LayerRef, open_source
-from cowfs.image.store import Store
+from cowfs.image.store import Store, chain_ids
 
-from .imageutil import (assert_same_tree, build_umoci_image, compress, cowfs, directory, file,
+from .imageutil import (COWFS, assert_same_tree, build_umoci_image, compress, cowfs, directory, file,
                         member, needs_root, needs_umoci, put_blob, scratch, sha, snapshot, symlink,
                         tar_bytes, umoci_unpack, write_docker_archive, write_layout)
 from .mountutil import kernel_mount
@@ -35,8 +38,9 @@ def store_state(store: Path) -> tuple:
     return ls("layers"), ls("images"), ls("tmp")
 
 
-def layer_tree(store: Store, tar: bytes) -> Path:
-    return Path(store.layer_root(sha(tar)))
+def layer_tree(store: Store, *tars: bytes) -> Path:
+    """The store layer of the last tar, unpacked over the ones before it."""
+    return Path(store.layer_root(chain_ids([sha(t) for t in tars])[-1]))
 
 
 # -- formats -------------------------------------------------------------------------
@@ -49,8 +53,8 @@ def test_oci_layout_compressions(scratch: Path, compression: object) -> None:
     store = Store(str(scratch / "store"))
     image = store.image("oci:v1")
     assert (layer_tree(store, BASE) / "usr/bin/tool").read_bytes() == b"#!/bin/sh\n"
-    assert (layer_tree(store, TOP) / "etc/motd").read_bytes() == b"hi\n"
-    assert store.lower_dirs(image)[0] == str(layer_tree(store, TOP))
+    assert (layer_tree(store, BASE, TOP) / "etc/motd").read_bytes() == b"hi\n"
+    assert store.lower_dirs(image)[0] == str(layer_tree(store, BASE, TOP))
 
 
 @pytest.mark.parametrize("blob_names", [False, True])
@@ -59,7 +63,7 @@ def test_docker_save_archive(scratch: Path, blob_names: bool) -> None:
     res = cowfs("image", "import", str(scratch / "img.tar"), store=scratch / "store")
     assert "imported example/app:1.0" in res.stdout
     store = Store(str(scratch / "store"))
-    assert store.image("example/app:1.0")["kind"] == "docker-archive"
+    assert store.image("example/app:1.0").kind == "docker-archive"
     assert (layer_tree(store, BASE) / "etc/os-release").exists()
 
 
@@ -90,7 +94,7 @@ def test_layers_are_shared_and_removed_when_unused(scratch: Path) -> None:
     assert len(store.layer_ids()) == 2  # BASE is still bee's
     cowfs("image", "rm", "bee", store=st)
     assert len(store.layer_ids()) == 2  # ... and the container's
-    res = cowfs("image", "rm", container["id"], store=st)
+    res = cowfs("image", "rm", container.id, store=st)
     assert "deleted 2 unused layer(s)" in res.stdout
     assert store.layer_ids() == [] and store.images() == []
     res = cowfs("image", "rm", "nope", store=st, check=False)
@@ -107,7 +111,7 @@ def test_layers_of_a_live_mount_are_kept(scratch: Path) -> None:
     with kernel_mount(lowers, None, None, scratch / "mnt"):
         store.remove("oci:a")
         deleted, used = store.prune_layers()
-        assert deleted == [] and list(used.values()) == ["a mount"]
+        assert deleted == [] and list(used.users.values()) == ["a kernel overlay mount"]
     assert len(store.prune_layers()[0]) == 1
 
 
@@ -271,11 +275,13 @@ def test_mount_errors(scratch: Path) -> None:
 
 
 @needs_root
-def test_unprivileged_import_keeps_oci_whiteouts(scratch: Path) -> None:
-    """As a normal user: `.wh.` files stay (cowfs reads both forms), devices are
-    skipped, and nothing needs root."""
-    evil_dev = tar_bytes([directory("dev"), member("dev/null", tarfile.CHRTYPE, dev=(1, 3)), file("dev/.wh.old"),
-                          directory("opq"), file("opq/.wh..wh..opq"), file("opq/x", b"x")])
+def test_unprivileged_import_is_canonical(scratch: Path) -> None:
+    """As a normal user: the same tree as root's (kernel-form whiteouts, opaque
+    dirs marked in user. xattrs), except owners and device nodes, which need root."""
+    evil_dev = tar_bytes([directory("dev"), member("dev/null", tarfile.CHRTYPE, dev=(1, 3)),
+                          file("dev/.wh.old"), directory("opq"), file("opq/.wh..wh..opq"),
+                          file("opq/x", b"x"), file(".wh.gone"), directory("gone"),
+                          file("gone/new", b"n")])
     write_layout(scratch / "oci", "v1", [BASE, evil_dev])
     os.chmod(scratch, 0o755)
     store_dir = scratch / "store"
@@ -295,11 +301,88 @@ def test_unprivileged_import_keeps_oci_whiteouts(scratch: Path) -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    top = Path(Store(str(store_dir)).layer_root(sha(evil_dev)))
-    assert sorted(os.listdir(top / "dev")) == [".wh.old"]
-    assert sorted(os.listdir(top / "opq")) == [".wh..wh..opq", "x"]
-    assert (top / "opq" / "x").stat().st_uid == 65534
-    assert json.loads((top.parent / "layer.json").read_text())["whiteouts"] == "oci"
+    Store(str(scratch / "rootstore")).import_image(open_source(f"{scratch}/oci:v1"),
+                                                   progress=False)
+    user = layer_tree(Store(str(store_dir)), BASE, evil_dev)
+    root = layer_tree(Store(str(scratch / "rootstore")), BASE, evil_dev)
+    assert sorted(os.listdir(user / "dev")) == ["old"]
+    assert sorted(os.listdir(root / "dev")) == ["null", "old"]
+    assert stat.S_ISCHR((user / "dev" / "old").lstat().st_mode)
+    for d in ("opq", "gone"):
+        assert os.getxattr(user / d, "user.overlay.opaque") == b"y"
+        assert os.getxattr(root / d, "trusted.overlay.opaque") == b"y"
+    assert (user / "opq" / "x").stat().st_uid == 65534
+    assert Store(str(store_dir)).layer_record(chain_ids([sha(BASE), sha(evil_dev)])[1]).owners \
+        is False
+
+
+def test_chain_ids_keep_layers_over_different_bases_apart(scratch: Path) -> None:
+    """The same layer over two bases is two store layers: an implied directory
+    takes each base's metadata (here /tmp, 0700 in one, 1777 in the other)."""
+    base_a = tar_bytes([directory("tmp", mode=0o700), file("a")])
+    base_b = tar_bytes([directory("tmp", mode=0o1777), file("b")])
+    app = tar_bytes([file("tmp/app.sock-dir-marker", b"x")])
+    write_layout(scratch / "oci", "a", [base_a, app])
+    write_layout(scratch / "oci", "b", [base_b, app])
+    st = scratch / "store"
+    cowfs("image", "import", f"{scratch}/oci:a", store=st)
+    res = cowfs("image", "import", f"{scratch}/oci:b", store=st)
+    assert "2 new, 0 reused" in res.stdout
+    store = Store(str(st))
+    for base, mode in ((base_a, 0o700), (base_b, 0o1777)):
+        top = layer_tree(store, base, app)
+        assert stat.S_IMODE((top / "tmp").lstat().st_mode) == mode
+    assert len(store.layer_ids()) == 4
+
+
+def test_corrupt_record_pins_every_layer(scratch: Path) -> None:
+    st = scratch / "store"
+    write_layout(scratch / "oci", "a", [BASE])
+    write_layout(scratch / "oci", "b", [BASE, TOP])
+    cowfs("image", "import", f"{scratch}/oci:a", store=st)
+    cowfs("image", "import", f"{scratch}/oci:b", store=st)
+    (st / "images" / "broken.json").write_text('{"schema": 2, "name": "broken"')
+    cowfs("image", "rm", "oci:a", store=st, check=False)
+    res = cowfs("image", "rm", "oci:b", store=st, check=False)
+    assert res.returncode == 1 and "broken.json" in res.stderr and "deleted no layers" in res.stdout
+    assert len(Store(str(st)).layer_ids()) == 2
+    (st / "images" / "broken.json").write_text(json.dumps({"schema": 1, "name": "old"}))
+    res = cowfs("image", "ls", store=st)
+    assert "schema 1" in res.stderr
+    (st / "images" / "broken.json").unlink()
+    assert "deleted 2 unused" in cowfs("image", "rm", store=st).stdout
+
+
+def test_image_names(scratch: Path) -> None:
+    """mount/rm take what import was given (DIR:TAG), the printed name, or the bare tag."""
+    write_layout(scratch / "oci", "l3", [BASE])
+    write_layout(scratch / "oci2", "l3", [BASE, TOP])
+    st = scratch / "store"
+    store = Store(str(st))
+    res = subprocess.run([*COWFS, "image", "import", "./oci:l3"], cwd=scratch, text=True,
+                         capture_output=True, env={**os.environ, "COWFS_STORE": str(st)})
+    assert "imported oci:l3" in res.stdout, res.stderr
+    for ref in ("oci:l3", f"{scratch}/oci:l3"):
+        assert store.image(ref).name == "oci:l3"
+    assert store.image("l3").name == "oci:l3"  # the bare tag, while unambiguous
+    cowfs("image", "import", f"{scratch}/oci2:l3", store=st)
+    with pytest.raises(ImageError, match="several images"):
+        store.image("l3")
+    assert store.image(f"{scratch}/oci2:l3").name == "oci2:l3"
+
+
+@pytest.mark.parametrize("ext", [".tar", ".tar.gz", ".tar.xz", ".tar.zst"])
+def test_rootfs_tarball_is_a_one_layer_image(scratch: Path, ext: str) -> None:
+    data = tar_bytes([directory("etc"), file("etc/hostname", b"seed\n"), directory("tmp", mode=0o1777)])
+    blob = {".tar": lambda d: d, ".tar.gz": lambda d: compress(d, "gzip"),
+            ".tar.xz": lzma.compress, ".tar.zst": lambda d: compress(d, "zstd")}[ext](data)
+    (scratch / f"rootfs{ext}").write_bytes(blob)
+    res = cowfs("image", "import", str(scratch / f"rootfs{ext}"), store=scratch / "store")
+    assert "imported rootfs:latest" in res.stdout and "1 layers, 1 new" in res.stdout
+    store = Store(str(scratch / "store"))
+    image = store.image("rootfs")
+    assert image.kind == "tarball" and image.layers == [sha(data)]
+    assert (Path(store.lower_dirs(image)[0]) / "etc/hostname").read_bytes() == b"seed\n"
 
 
 def test_docker_archive_with_a_tampered_layer(scratch: Path) -> None:

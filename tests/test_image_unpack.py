@@ -19,13 +19,12 @@ __all__ = ["scratch"]  # the fixture, imported for pytest
 
 
 def unpack(members: list[Member] | bytes, dest: Path, privileged: bool | None = None,
-           overlay: bool | None = None, below: list[Path] | None = None) -> UnpackStats:
+           below: list[Path] | None = None) -> UnpackStats:
     root = os.geteuid() == 0
     dest.mkdir(parents=True, exist_ok=True)
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     stack = Stack([str(p) for p in below]) if below else None
-    u = Unpacker(fd, privileged=root if privileged is None else privileged,
-                 overlay_whiteouts=root if overlay is None else overlay, below=stack)
+    u = Unpacker(fd, privileged=root if privileged is None else privileged, below=stack)
     data = members if isinstance(members, bytes) else tar_bytes(members)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
@@ -92,26 +91,49 @@ def test_metadata_is_kept(scratch: Path) -> None:
     assert stats.file_bytes == 4 and not stats.warnings
 
 
-def test_whiteouts_in_kernel_form(scratch: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("kernel-form whiteouts need root")
+@pytest.mark.parametrize("privileged", [True, False])
+def test_whiteouts_in_kernel_form(scratch: Path, privileged: bool) -> None:
+    """Root or not, whiteouts are char 0/0 and opaque dirs carry overlay.opaque
+    (trusted. as root, user. otherwise): one form, whoever imports."""
+    if privileged and os.geteuid() != 0:
+        pytest.skip("trusted. xattrs need root")
     unpack([directory("d"), file("d/.wh.gone"), file("d/.wh..wh..opq"), file("d/kept", b"k"),
-            file("d/.wh..wh.plnk")], scratch / "l", overlay=True)
+            file("d/.wh..wh.plnk"), member("d/.wh.weird", tarfile.CHRTYPE)],
+           scratch / "l", privileged=privileged)
     d = scratch / "l" / "d"
-    assert sorted(os.listdir(d)) == ["gone", "kept"]
-    gone = (d / "gone").lstat()
-    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
-    assert os.getxattr(d, "trusted.overlay.opaque") == b"y"
+    assert sorted(os.listdir(d)) == ["gone", "kept", "weird"]
+    for name in ("gone", "weird"):
+        st = (d / name).lstat()
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    ns = "trusted." if privileged else "user."
+    assert os.getxattr(d, ns + "overlay.opaque") == b"y"
 
 
-def test_whiteouts_kept_in_oci_form(scratch: Path) -> None:
-    stats = unpack([directory("d"), file("d/.wh.gone"), file("d/.wh..wh..opq"),
-                    member("d/.wh.weird", tarfile.CHRTYPE)],
-                   scratch / "l", privileged=False, overlay=False)
-    d = scratch / "l" / "d"
-    assert sorted(os.listdir(d)) == [".wh..wh..opq", ".wh.gone", ".wh.weird"]
-    assert all(stat.S_ISREG((d / n).lstat().st_mode) for n in os.listdir(d))
-    assert not stats.warnings
+WH_AND_DIR = [directory("d"), file("d/new", b"new")]
+
+
+@pytest.mark.parametrize("order", ["whiteout-first", "dir-first", "implied-dir"])
+def test_whiteout_and_directory_in_one_layer(scratch: Path, order: str) -> None:
+    """`.wh.d` + `d/` in one layer: the lower d is deleted, the layer's d stays
+    and is opaque, whatever the member order (the OCI rule)."""
+    unpack([directory("d"), file("d/old", b"old")], scratch / "base")
+    members = {"whiteout-first": [file(".wh.d"), *WH_AND_DIR],
+               "dir-first": [*WH_AND_DIR, file(".wh.d")],
+               "implied-dir": [file(".wh.d"), file("d/new", b"new")]}[order]
+    unpack(members, scratch / "top", below=[scratch / "base"])
+    d = scratch / "top" / "d"
+    assert d.is_dir() and sorted(os.listdir(d)) == ["new"]
+    ns = "trusted." if os.geteuid() == 0 else "user."
+    assert os.getxattr(d, ns + "overlay.opaque") == b"y"
+    if order == "implied-dir":  # nothing inherited from the deleted lower d
+        assert stat.S_IMODE(d.lstat().st_mode) == 0o755
+
+
+def test_whiteout_of_a_file_of_the_same_layer_keeps_it(scratch: Path) -> None:
+    unpack([file("f", b"mine"), file(".wh.f"), file(".wh.g"), file("g", b"also mine")],
+           scratch / "l")
+    assert (scratch / "l" / "f").read_bytes() == b"mine"
+    assert (scratch / "l" / "g").read_bytes() == b"also mine"
 
 
 def test_later_entries_replace_earlier(scratch: Path) -> None:
@@ -127,7 +149,7 @@ def test_later_entries_replace_earlier(scratch: Path) -> None:
 def test_device_nodes_skipped_unprivileged(scratch: Path) -> None:
     stats = unpack([member("dev/sda", tarfile.BLKTYPE, dev=(8, 0)),
                     member("dev/null", tarfile.CHRTYPE, dev=(1, 3))],
-                   scratch / "l", privileged=False, overlay=False)
+                   scratch / "l", privileged=False)
     assert os.listdir(scratch / "l" / "dev") == []
     assert any("device node" in w and "dev/sda" in w for w in stats.warnings)
 

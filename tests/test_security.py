@@ -94,7 +94,13 @@ def test_planted_symlinks_never_escape(root: Path) -> None:
     (up / "redir").mkdir()
     os.setxattr(up / "redir", "trusted.overlay.redirect", b"/to_sentinel")
     (up / "redir2").mkdir()
-    os.setxattr(up / "redir2", "trusted.overlay.redirect", b"/../../sentinel")
+    # From a lower layer's root, /../sentinel is the sentinel: '..' must be refused.
+    os.setxattr(up / "redir2", "trusted.overlay.redirect", b"/../sentinel")
+    (up / "redir3").mkdir()
+    os.setxattr(up / "redir3", "trusted.overlay.redirect", b"..")
+    # user.overlay.* is anyone's to set: a trusted (root) mount must not follow it.
+    (up / "redir4").mkdir()
+    os.setxattr(up / "redir4", "user.overlay.redirect", b"/../sentinel")
     before = _tree_state(sentinel)
     before_root = sorted(os.listdir("/"))
     with cowfs_mount([low, low2], up, work, mnt):
@@ -124,10 +130,13 @@ def test_planted_symlinks_never_escape(root: Path) -> None:
         renameat2(str(mnt / "m2"), str(mnt / "m"), 2)
         os.rename(mnt / "d", mnt / "d_moved")
         # Redirected directories must not show the sentinel's contents.
-        for r in ("redir", "redir2"):
-            names = _attempt(lambda: os.listdir(mnt / r))
-            assert "secret" not in os.listdir(mnt / r)
-            assert _attempt(lambda: (mnt / r / "secret").read_bytes()) == "ENOENT", names
+        # A redirect through a symlink finds no directory: the directory is empty.
+        assert os.listdir(mnt / "redir") == [] and os.listdir(mnt / "redir4") == []
+        assert _attempt(lambda: (mnt / "redir" / "secret").read_bytes()) == "ENOENT"
+        # '..' in a redirect: the kernel refuses the lookup with EACCES.
+        for r in ("redir2", "redir3"):
+            assert _attempt(lambda: os.listdir(mnt / r)) == "EACCES"
+            assert _attempt(lambda: (mnt / r / "secret").read_bytes()) == "EACCES"
         assert sorted(os.listdir(mnt / "d_moved")) == ["g", "new", "secret_link.hl"]
         assert (mnt / "d_moved" / "g").read_bytes() == b"f\nmore\n"
         # Symlinks read back as planted.

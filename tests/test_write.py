@@ -36,9 +36,13 @@ def attempt(fn: Callable[[], object]) -> object:
 
 
 def both(tmp_path: Path, script: Callable[[Path], list], *, compare_upper: bool = True,
-         kernel_opts: str = KERNEL_OPTS, cowfs_opts: str = "") -> tuple[Path, Path]:
-    """Run script on a kernel mount and a cowfs mount of copies of the standard layers."""
+         kernel_opts: str = KERNEL_OPTS, cowfs_opts: str = "",
+         prepare_lowest: Callable[[Path], None] | None = None) -> tuple[Path, Path]:
+    """Run script on a kernel mount and a cowfs mount of copies of the standard layers
+    (prepare_lowest may add to the bottom layer first)."""
     layers = build_standard_layers(tmp_path / "layers")
+    if prepare_lowest is not None:
+        prepare_lowest(layers[-1])
     results, views, uppers = [], [], []
     for name, mount, extra in (("kernel", kernel_mount, kernel_opts),
                                ("cowfs", cowfs_mount, cowfs_opts)):

@@ -2,10 +2,13 @@
 files and notifications.
 
 Requests are read by a few worker threads, each on its own clone of the
-/dev/fuse fd (replies go back on the fd a request came from).  Each request is
-handled holding the filesystem's lock, so the filesystem sees one request at a
-time and may release the lock around blocking work; the node table is kept
-under the same lock.  Notifications are sent by a thread of their own: the
+/dev/fuse fd (replies go back on the fd a request came from), one at a time:
+the worker that reads keeps reading until the filesystem is about to block
+(hand_off()), and only then does a waiting worker take over.  Idle threads all
+waiting in read(2) cost twice the CPU per request (measured: bench/PROFILE.md).
+Each request is handled holding the filesystem's lock, so the filesystem sees
+one request at a time and may release the lock around blocking work; the node
+table is kept under the same lock.  Notifications are sent by a thread of their own: the
 kernel may block them on locks held by callers whose requests are still
 queued here.
 """
@@ -37,7 +40,7 @@ class Config:
     passthrough: bool = False        # ask for FUSE_PASSTHROUGH (root, 6.9+)
     posix_acl: bool = False
     max_pages: int = 256             # 1 MiB requests
-    threads: int = 4
+    threads: int = int(os.environ.get("COWFS_THREADS", "4"))
 
 
 @dataclass
@@ -82,9 +85,11 @@ class Session:
         self._notes: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # The worker reading /dev/fuse now (the others wait for the role).
+        self._role = threading.Condition(threading.Lock())
+        self._reader: threading.Thread | None = None
         self._worker_fds: list[int] = []
         self.counters: dict[int, int] = {}     # requests served, by opcode
-        self.on_unexpected: Callable[[str, BaseException], None] | None = None
         ev, ea = _split_time(cfg.entry_timeout)
         av, aa = _split_time(cfg.attr_timeout)
         nv, na = _split_time(cfg.negative_timeout)
@@ -174,12 +179,28 @@ class Session:
         for t in self._threads:
             t.start()
 
-    def stopped(self) -> bool:
-        return self._stop.is_set()
+    def wait(self) -> None:
+        self._stop.wait()
 
     def stop(self) -> None:
         self._stop.set()
         self._notes.put(None)
+        with self._role:
+            self._role.notify_all()
+
+    def hand_off(self) -> None:
+        """The calling worker is about to block: let another one read meanwhile."""
+        if self._reader is threading.current_thread():
+            with self._role:
+                self._reader = None
+                self._role.notify()
+
+    def _take_role(self, me: threading.Thread) -> bool:
+        with self._role:
+            while self._reader is not None and not self._stop.is_set():
+                self._role.wait()
+            self._reader = me
+        return not self._stop.is_set()
 
     def _clone(self) -> int:
         try:
@@ -200,7 +221,10 @@ class Session:
         hsize = abi.IN_HEADER.size
         handlers = self._handlers
         counters = self.counters
+        me = threading.current_thread()
         while not self._stop.is_set():
+            if self._reader is not me and not self._take_role(me):
+                return
             try:
                 n = os.readv(fd, [buf])
             except OSError as e:
@@ -229,14 +253,16 @@ class Session:
                     continue                    # FORGET and friends: no reply
                 reply = out
             except OSError as e:
+                if opcode in _NO_REPLY:
+                    continue
                 error = -(e.errno or errno.EIO)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s on node %d: %s", _op_name(opcode), nodeid, e)
-            except Exception as e:              # a bug: answer EIO, log, keep serving
+            except Exception:                   # a bug: answer EIO, log, keep serving
+                log.exception("%s on node %d failed", _op_name(opcode), nodeid)
+                if opcode in _NO_REPLY:
+                    continue
                 error = -errno.EIO
-                log.exception("%s failed", _op_name(opcode))
-                if self.on_unexpected is not None:
-                    self.on_unexpected(_op_name(opcode), e)
             if opcode == Op.DESTROY:
                 self._send(fd, unique, error, reply)
                 self.stop()
@@ -597,6 +623,9 @@ class Session:
 
     def _statx(self, body: memoryview, nodeid: int, ctx: Ctx) -> bytes:
         raise OSError(errno.ENOSYS, "the kernel falls back to GETATTR")
+
+
+_NO_REPLY = frozenset((Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT))
 
 
 def _signed(v: int) -> int:

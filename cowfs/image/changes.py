@@ -62,7 +62,7 @@ class TreeDiff:
 
     def _dir(self, path: Parts, new_src: list[Source], old_src: list[Source],
              out: dict[bytes, str]) -> None:
-        new, old = list_merged(new_src), list_merged(old_src)
+        new, old = list_merged(new_src, self.stack.fmt), list_merged(old_src, self.stack.fmt)
         touched = False
         for name in sorted(new.keys() | old.keys()):
             n, o = new.get(name), old.get(name)
@@ -107,7 +107,7 @@ class TreeDiff:
 def walk_merged(stack: Stack, path: Parts, sources: list[Source]) -> Iterator[Parts]:
     """Every path below a merged directory, parents first; closes sources."""
     try:
-        entries = list_merged(sources)
+        entries = list_merged(sources, stack.fmt)
         for name in sorted(entries):
             p = path + (name,)
             yield p

@@ -9,13 +9,13 @@ deletes the old one.  A metacopy file takes its data from the lower file.
 from __future__ import annotations
 
 import contextlib
-import gzip
+import fcntl
 import hashlib
 import io
 import json
 import os
 import platform
-import shutil
+import secrets
 import stat
 import tarfile
 from collections.abc import Iterator
@@ -23,16 +23,23 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import zstandard
+from zlib_ng import gzip_ng_threaded
 
 from .errors import ImageError
-from .merged import Entry, Parts, Source, Stack, close_sources, list_merged, redirect_path
+from .merged import Entry, Parts, Source, Stack, close_sources, list_merged
 from .oci import (ARCHIVE_MEMBER, MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_MANIFEST, REF_NAME,
                   check_digest, sha256_digest, split_ref)
-from .ovlformat import OPAQUE_MARKER, WH_PREFIX, is_metacopy, is_opaque, redirect, user_xattrs
-from .store import now_iso, write_json_atomic
+from ..overlay.format import OPAQUE_MARKER, WH_PREFIX, dir_marks, public_xattrs
+from .records import ImageRecord, write_json_atomic
+from .store import now_iso
 
 COPY_CHUNK = 1 << 20
 COMPRESSIONS = {"gzip": "+gzip", "zstd": "+zstd", None: ""}
+# gzip level 6 (zlib's default) on every core, through zlib-ng: a few per cent
+# bigger than level 9 at several times the speed; zstd level 3 likewise.
+GZIP_LEVEL = 6
+ZSTD_LEVEL = 3
+THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 def compression_for(path: str) -> str | None:
@@ -73,24 +80,27 @@ class LayerInfo:
 
 
 class LayerWriter:
-    """A layer tarball: PAX tar, optionally gzip (reproducible header) or zstd."""
+    """A layer tarball written to a temporary name beside path and renamed to path
+    when complete: PAX tar, optionally gzip (reproducible header) or zstd."""
 
     def __init__(self, path: str, compression: str | None) -> None:
         self.path = path
+        self.tmp = f"{path}.{secrets.token_hex(6)}.tmp"
         self.compression = compression
-        self.file = open(path, "wb")
+        self.file = open(self.tmp, "wb")
         self.blob = HashingWriter(self.file)  # type: ignore[arg-type]
         if compression == "gzip":
-            self.comp: BinaryIO | None = gzip.GzipFile(  # type: ignore[assignment]
-                fileobj=self.blob, mode="wb", mtime=0)
+            self.comp: BinaryIO | None = gzip_ng_threaded.open(  # type: ignore[assignment]
+                self.blob, "wb", compresslevel=GZIP_LEVEL, threads=THREADS)
         elif compression == "zstd":
-            self.comp = zstandard.ZstdCompressor().stream_writer(  # type: ignore[assignment]
+            self.comp = zstandard.ZstdCompressor(  # type: ignore[assignment]
+                level=ZSTD_LEVEL, threads=-1).stream_writer(
                 self.blob, closefd=False)  # type: ignore[arg-type]
         else:
             self.comp = None
         self.tar_hash = HashingWriter(self.comp or self.blob)  # type: ignore[arg-type]
         self.tar = tarfile.open(fileobj=self.tar_hash, mode="w|",  # type: ignore[call-overload]
-                                format=tarfile.PAX_FORMAT)
+                                format=tarfile.PAX_FORMAT, bufsize=1 << 20)
 
     def add(self, ti: tarfile.TarInfo, data: BinaryIO | None = None) -> None:
         self.tar.addfile(ti, data)
@@ -105,9 +115,17 @@ class LayerWriter:
         self.tar.close()
         if self.comp is not None:
             self.comp.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
+        os.replace(self.tmp, self.path)
         return LayerInfo(self.path, self.blob.digest, self.tar_hash.digest, self.blob.count,
                          MT_OCI_LAYER + COMPRESSIONS[self.compression])
+
+    def abort(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
 
 
 class _Exact(io.RawIOBase):
@@ -148,8 +166,8 @@ class Committer:
     def _dir(self, path: Parts, new_src: list[Source], old_src: list[Source],
              full: bool) -> None:
         """full: the layer must carry the whole directory (it is new, opaque or moved)."""
-        new = list_merged(new_src)
-        old = {} if full else list_merged(old_src)
+        new = list_merged(new_src, self.stack.fmt)
+        old = {} if full else list_merged(old_src, self.stack.fmt)
         for name in sorted(old.keys() - new.keys()):
             self.writer.marker(path + (WH_PREFIX + name,))
         for name in sorted(new):
@@ -165,8 +183,8 @@ class Committer:
                 nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                               dir_fd=n.dir_fd)
                 try:
-                    sub_full = is_opaque(n.dir_fd, name, nfd) or \
-                        redirect_path(path, redirect(n.dir_fd, name)) is not None
+                    sub_full = dir_marks(self.stack.fmt, nfd).opaque or \
+                        self.stack.redirect(n.layer, n.dir_fd, p) is not None
                 finally:
                     os.close(nfd)
                 if sub_full:
@@ -186,7 +204,7 @@ class Committer:
         ti.uname = ti.gname = ""
         ti.mtime = st.st_mtime_ns // 10**9
         ti.pax_headers = {"mtime": f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"}
-        for k, v in user_xattrs(e.dir_fd, e.name).items():
+        for k, v in public_xattrs(e.dir_fd, e.name).items():
             ti.pax_headers["SCHILY.xattr." + k] = v.decode("utf-8", "surrogateescape")
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in self.links:
@@ -224,13 +242,10 @@ class Committer:
         """The file holding e's data: e itself, or for a metacopy upper file the
         lower file it names by overlay.redirect (or the same path below)."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        if e.layer != 0 or not is_metacopy(e.dir_fd, e.name):
-            return os.open(e.name, flags, dir_fd=e.dir_fd)
-        data_path = redirect_path(p[:-1], redirect(e.dir_fd, e.name)) or p
-        found = self.stack.lookup(data_path, first=1)
+        found = self.stack.data_entry(p, e)
         if found is None:
             raise ImageError(f"{os.fsdecode(b'/'.join(p))}: metacopy file whose data "
-                             f"({os.fsdecode(b'/'.join(data_path))}) is in no lower layer")
+                             "is in no lower layer")
         lower, sources = found
         try:
             return os.open(lower.name, flags, dir_fd=lower.dir_fd)
@@ -238,36 +253,44 @@ class Committer:
             close_sources(sources)
 
 
-def write_layer(upper: str, lowers: list[str], out: str) -> LayerInfo:
-    """Write the changes of upper over lowers to the layer tarball out."""
-    writer = LayerWriter(out, compression_for(out))
+def write_layer(upper: str, lowers: list[str], out: str,
+                compression: str | None | bool = True) -> LayerInfo:
+    """Write the changes of upper over lowers to the layer tarball out (compression
+    True: as out's name says); out appears only once complete."""
+    writer = LayerWriter(out, compression_for(out) if compression is True
+                         else compression or None)
     try:
         Committer(upper, lowers, writer).run()
     except BaseException:
-        writer.close()
-        os.unlink(out)
+        writer.abort()
         raise
     return writer.close()
 
 
 # -- OCI layout output ----------------------------------------------------------
 
+def _blob_path(layout: str, digest: str) -> str:
+    return os.path.join(layout, "blobs", "sha256", digest[7:])
+
+
 def _write_blob(layout: str, data: bytes) -> dict:
     digest = sha256_digest(data)
-    path = os.path.join(layout, "blobs", "sha256", digest[7:])
+    path = _blob_path(layout, digest)
     if not os.path.exists(path):
-        with open(path + ".tmp", "wb") as f:
+        tmp = f"{path}.{secrets.token_hex(6)}.tmp"
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return {"digest": digest, "size": len(data)}
 
 
 @contextlib.contextmanager
-def _base_blob(base: dict, desc: dict) -> Iterator[BinaryIO | None]:
+def _base_blob(base: ImageRecord, desc: dict) -> Iterator[BinaryIO | None]:
     """A base layer's blob where the image was imported from, if it is still there."""
     digest = desc["digest"]
-    if base.get("kind") == "oci":
-        src = os.path.join(base["source"], "blobs", "sha256", digest[7:])
+    if base.kind in ("oci", "tarball"):
+        src = os.path.join(base.source, "blobs", "sha256", digest[7:]) \
+            if base.kind == "oci" else base.source
         if not os.path.isfile(src):
             yield None
             return
@@ -275,36 +298,58 @@ def _base_blob(base: dict, desc: dict) -> Iterator[BinaryIO | None]:
             yield f
         return
     member = desc.get(ARCHIVE_MEMBER)
-    if base.get("kind") != "docker-archive" or not member or not os.path.isfile(base["source"]):
+    if base.kind != "docker-archive" or not member or not os.path.isfile(base.source):
         yield None
         return
-    with tarfile.open(base["source"], "r:*") as tf:
+    with tarfile.open(base.source, "r:*") as tf:
         try:
             yield tf.extractfile(member)  # type: ignore[misc]
         except KeyError:
             yield None
 
 
-def _copy_blob(layout: str, desc: dict, base: dict) -> None:
-    """Put a base layer's blob into layout (checked against its digest)."""
+def _hash_file(f: BinaryIO, out: BinaryIO | None = None) -> str:
+    sha = hashlib.sha256()
+    while chunk := f.read(COPY_CHUNK):
+        sha.update(chunk)
+        if out is not None:
+            out.write(chunk)
+    return "sha256:" + sha.hexdigest()
+
+
+def _copy_blob(layout: str, desc: dict, base: ImageRecord) -> None:
+    """Put a base layer's blob into layout, checked against its digest: a hard link
+    to the source's file when it can be (no second copy), else one streamed copy."""
     digest = check_digest(desc.get("digest"), "base layer blob")
-    dst = os.path.join(layout, "blobs", "sha256", digest[7:])
+    dst = _blob_path(layout, digest)
     if os.path.exists(dst):
         return
-    sha = hashlib.sha256()
-    with _base_blob(base, desc) as src:
-        if src is None:
-            raise ImageError(f"base layer blob {digest} is in neither {layout} nor "
-                             f"{base.get('source')}, where the base image came from")
-        with open(dst + ".tmp", "wb") as out:
-            while chunk := src.read(COPY_CHUNK):
-                sha.update(chunk)
-                out.write(chunk)
-    if "sha256:" + sha.hexdigest() != digest:
-        os.unlink(dst + ".tmp")
-        raise ImageError(f"base layer blob {digest} in {base.get('source')} has changed "
-                         "since the import (sha256 mismatch)")
-    os.replace(dst + ".tmp", dst)
+    tmp = f"{dst}.{secrets.token_hex(6)}.tmp"
+    try:
+        with _base_blob(base, desc) as src:
+            if src is None:
+                raise ImageError(f"base layer blob {digest} is in neither {layout} nor "
+                                 f"{base.source}, where the base image came from")
+            name = getattr(src, "name", None)
+            linked = False
+            if isinstance(name, str) and base.kind != "docker-archive":
+                try:
+                    os.link(name, tmp)
+                    linked = True
+                except OSError:
+                    pass
+            if linked:
+                got = _hash_file(src)
+            else:
+                with open(tmp, "wb") as out:
+                    got = _hash_file(src, out)  # type: ignore[arg-type]
+        if got != digest:
+            raise ImageError(f"base layer blob {digest} in {base.source} has changed "
+                             "since the import (sha256 mismatch)")
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _oci_layer_type(media_type: str) -> str:
@@ -314,9 +359,9 @@ def _oci_layer_type(media_type: str) -> str:
     return media_type
 
 
-def new_config(base: dict | None, diff_id: str, comment: str) -> dict:
+def new_config(base: ImageRecord | None, diff_id: str, comment: str) -> dict:
     if base is not None:
-        config = json.loads(base["config"])
+        config = json.loads(base.config)
     else:
         arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
         config = {"architecture": arch, "os": "linux", "config": {},
@@ -329,30 +374,83 @@ def new_config(base: dict | None, diff_id: str, comment: str) -> dict:
     return config
 
 
-def append_image(spec: str, layer: LayerInfo, base: dict | None, comment: str = "") -> str:
-    """Add an image (base's layers + layer) to the OCI layout DIR, tagged TAG, as
-    spec 'DIR:TAG' says; creates the layout if needed.  Returns the manifest digest."""
+@contextlib.contextmanager
+def layout_lock(layout: str) -> Iterator[None]:
+    """An OCI layout, created if needed and locked (flock on its directory):
+    two commits into one layout take turns on index.json and lose nothing."""
+    os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
+    fd = os.open(layout, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(layout, "oci-layout")):
+            write_json_atomic(os.path.join(layout, "oci-layout"), {"imageLayoutVersion": "1.0.0"})
+        yield
+    finally:
+        os.close(fd)
+
+
+def layer_into_layout(layout: str, path: str, digest: str) -> None:
+    """Put a layer file written elsewhere into layout's blobs: a hard link if it
+    can be, else a copy."""
+    dst = _blob_path(layout, digest)
+    if os.path.exists(dst):
+        return
+    tmp = f"{dst}.{secrets.token_hex(6)}.tmp"
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            with open(path, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(COPY_CHUNK):
+                    out.write(chunk)
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def commit_to_layout(spec: str, upper: str, lowers: list[str], base: ImageRecord | None,
+                     comment: str = "", compression: str | None = "gzip",
+                     output: str | None = None) -> tuple[LayerInfo, str]:
+    """Commit upper's changes as an image (base's layers + the new layer) tagged
+    TAG in the OCI layout DIR (spec 'DIR:TAG').  The layer streams straight into
+    the layout's blobs (and, with output, into that file, linked into the layout).
+    Returns the layer and the manifest digest."""
+    layout, _ = split_ref(spec)
+    with layout_lock(layout):
+        if output is not None:
+            layer = write_layer(upper, lowers, output)
+            layer_into_layout(layout, output, layer.digest)
+        else:
+            staging = os.path.join(layout, "blobs", "sha256", f"new-{secrets.token_hex(6)}")
+            layer = write_layer(upper, lowers, staging, compression)
+            os.replace(staging, _blob_path(layout, layer.digest))
+            layer.path = _blob_path(layout, layer.digest)
+        return layer, _add_image(spec, layer, base, comment)
+
+
+def append_image(spec: str, layer: LayerInfo, base: ImageRecord | None,
+                 comment: str = "") -> str:
+    """Add an image (base's layers + the layer file) to the OCI layout DIR, tagged
+    TAG, as spec 'DIR:TAG' says; creates the layout if needed.  Returns the
+    manifest digest."""
+    layout, _ = split_ref(spec)
+    with layout_lock(layout):
+        layer_into_layout(layout, layer.path, layer.digest)
+        return _add_image(spec, layer, base, comment)
+
+
+def _add_image(spec: str, layer: LayerInfo, base: ImageRecord | None, comment: str) -> str:
+    """Under the layout lock, with the layer's blob in place: config, manifest, index."""
     layout, tag = split_ref(spec)
     tag = tag or "latest"
-    os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
-    if not os.path.exists(os.path.join(layout, "oci-layout")):
-        write_json_atomic(os.path.join(layout, "oci-layout"), {"imageLayoutVersion": "1.0.0"})
-    index_path = os.path.join(layout, "index.json")
-    try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        index = {"schemaVersion": 2, "manifests": []}
     layers = []
     if base is not None:
-        for d in base["manifest"]["layers"]:
+        for d in base.manifest["layers"]:
             _copy_blob(layout, d, base)
             layers.append({"mediaType": _oci_layer_type(d["mediaType"]),
                            "digest": d["digest"], "size": d.get("size") or os.path.getsize(
-                               os.path.join(layout, "blobs", "sha256", d["digest"][7:]))})
-    dst = os.path.join(layout, "blobs", "sha256", layer.digest[7:])
-    shutil.copyfile(layer.path, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
+                               _blob_path(layout, d["digest"]))})
     layers.append({"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size})
     config = json.dumps(new_config(base, layer.diff_id, comment), separators=(",", ":")).encode()
     manifest = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
@@ -361,6 +459,12 @@ def append_image(spec: str, layer: LayerInfo, base: dict | None, comment: str = 
     mdesc = {"mediaType": MT_OCI_MANIFEST,
              **_write_blob(layout, json.dumps(manifest, separators=(",", ":")).encode()),
              "annotations": {REF_NAME: tag}}
+    index_path = os.path.join(layout, "index.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        index = {"schemaVersion": 2, "manifests": []}
     index["manifests"] = [d for d in index.get("manifests", [])
                           if d.get("annotations", {}).get(REF_NAME) != tag] + [mdesc]
     write_json_atomic(index_path, index)

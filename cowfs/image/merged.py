@@ -12,8 +12,10 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ..overlay.layers import lstat_or_none, open_dir_at
-from .ovlformat import WH_PREFIX, is_hidden_marker, is_opaque, redirect, whiteout_target
+from ..overlay.format import (Format, Kind, Redirect, classify, default_format, dir_marks,
+                              is_metacopy, read_redirect, whited_out_at)
+from ..overlay.layers import lstat_or_none, open_dir_at, xattr_path
+from .errors import ImageError
 
 Parts = tuple[bytes, ...]
 
@@ -47,16 +49,13 @@ def close_sources(sources: list[Source]) -> None:
         os.close(s.fd)
 
 
-def _whited_out(fd: int, name: bytes) -> bool:
-    """Is name hidden in this layer by an OCI-form `.wh.NAME` file?"""
-    return lstat_or_none(fd, WH_PREFIX + name) is not None
-
-
 class Stack:
     """Layer roots, top first; for a diff, layer 0 is the upper dir."""
 
-    def __init__(self, roots: list[str]) -> None:
+    def __init__(self, roots: list[str], fmt: Format | None = None) -> None:
         self.roots = roots
+        # The namespace the daemon writes by default (see params): one per stack.
+        self.fmt = fmt or default_format()
         self.fds: list[int] = []
         try:
             for r in roots:
@@ -94,6 +93,15 @@ class Stack:
                 break
         return sources
 
+    def redirect(self, layer: int, dir_fd: int, path: Parts) -> Redirect | None:
+        """The validated redirect of the entry at path (in dir_fd of a layer); a
+        bad one is an ImageError naming it, as the kernel fails such a lookup."""
+        try:
+            return read_redirect(self.fmt, xattr_path(dir_fd, path[-1]))
+        except OSError as e:
+            where = os.fsdecode(b"/" + b"/".join(path))
+            raise ImageError(f"{where} in {self.roots[layer]}: {e.strerror}") from None
+
     def child_sources(self, sources: list[Source], parent: Parts, name: bytes) -> list[Source]:
         """The sources of directory `name` inside the merged directory `parent`."""
         out: list[Source] = []
@@ -101,18 +109,19 @@ class Stack:
             for src in sources:
                 st = lstat_or_none(src.fd, name)
                 if st is None:
-                    if _whited_out(src.fd, name):
+                    if whited_out_at(self.fmt, src.fd, name):
                         break
                     continue
-                if whiteout_target(name, st) is not None or not stat.S_ISDIR(st.st_mode):
+                if classify(self.fmt, src.fd, name, st, None).kind is not Kind.ENTRY \
+                        or not stat.S_ISDIR(st.st_mode):
                     break  # hidden here, or a non-directory ends the merge
                 fd = open_dir_at(src.fd, name)
                 out.append(Source(src.layer, fd))
-                if is_opaque(src.fd, name, fd):
+                if src.layer + 1 == len(self.fds) or dir_marks(self.fmt, fd).opaque:
                     break
-                target = redirect_path(parent, redirect(src.fd, name))
-                if target is not None and src.layer + 1 < len(self.fds):
-                    out += self.dir_sources(target, src.layer + 1)
+                red = self.redirect(src.layer, src.fd, parent + (name,))
+                if red is not None:
+                    out += self.dir_sources(red.resolve(parent), src.layer + 1)
                     break
         except BaseException:
             close_sources(out)
@@ -124,42 +133,45 @@ class Stack:
         if not path:
             return None
         sources = self.dir_sources(path[:-1], first)
-        hit = list_merged(sources).get(path[-1])
+        hit = list_merged(sources, self.fmt).get(path[-1])
         if hit is None:
             close_sources(sources)
             return None
         return hit, sources
 
 
-def redirect_path(parent: Parts, value: bytes | None) -> Parts | None:
-    """Where an overlay.redirect value points: absolute from the layer root, or a
-    name in parent.  None for no value or a bad one: like the kernel, a redirect
-    never leads up ('..') and a relative one is a single name."""
-    if value is None:
-        return None
-    if value.startswith(b"/"):
-        parts = tuple(p for p in value.split(b"/") if p not in (b"", b"."))
-    elif b"/" in value or value in (b"", b"."):
-        return None
-    else:
-        parts = parent + (value,)
-    return None if b".." in parts else parts
+    def data_entry(self, path: Parts, e: Entry) -> tuple[Entry, list[Source]] | None:
+        """The entry holding a file's data, and the sources keeping it open: e
+        itself (no sources), or for a metacopy file the next file down at its
+        redirect or at the same path, metacopy files followed on.  None if none."""
+        sources: list[Source] = []
+        while stat.S_ISREG(e.st.st_mode) and e.layer + 1 < len(self.fds) \
+                and is_metacopy(self.fmt, xattr_path(e.dir_fd, e.name)):
+            red = self.redirect(e.layer, e.dir_fd, path)
+            path = (red or Redirect(False, (path[-1],))).resolve(path[:-1])
+            found = self.lookup(path, first=e.layer + 1)
+            close_sources(sources)
+            if found is None or not stat.S_ISREG(found[0].st.st_mode):
+                if found is not None:
+                    close_sources(found[1])
+                return None
+            e, sources = found
+        return e, sources
 
 
-def list_merged(sources: list[Source]) -> dict[bytes, Entry]:
+def list_merged(sources: list[Source], fmt: Format) -> dict[bytes, Entry]:
     """The visible names of a merged directory and the entries providing them."""
     seen: dict[bytes, Entry] = {}
     hidden: set[bytes] = set()
     for src in sources:
         hidden_here: set[bytes] = set()
         for name in map(os.fsencode, os.listdir(src.fd)):
-            if is_hidden_marker(name):
-                continue
             st = os.stat(name, dir_fd=src.fd, follow_symlinks=False)
-            target = whiteout_target(name, st)
-            if target is not None:
-                hidden_here.add(target)
-            elif name not in seen and name not in hidden:
+            # as a lookup by name: what the mount shows (see format.classify)
+            c = classify(fmt, src.fd, name, st, None)
+            if c.kind is Kind.WHITEOUT:
+                hidden_here.add(c.target)
+            elif c.kind is Kind.ENTRY and name not in seen and name not in hidden:
                 seen[name] = Entry(src.layer, src.fd, name, st)
         hidden |= hidden_here
     return seen

@@ -1,14 +1,18 @@
-"""Reading images: OCI image layouts and `docker save` archives.
+"""Reading images: OCI image layouts, `docker save` archives and plain root
+filesystem tarballs (one layer, as `docker import` makes of them).
 
 Every blob is checked against its sha256: small JSON blobs when read, layers
 while they stream through the unpacker (see `VerifiedLayerStream`).
 """
 from __future__ import annotations
 
+import bz2
+import datetime
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import platform
 import re
@@ -32,7 +36,8 @@ REF_NAME = "org.opencontainers.image.ref.name"
 # Where a docker archive keeps a layer: recorded so commit --image can copy it.
 ARCHIVE_MEMBER = "x-cowfs-archive-member"
 # What a corrupt blob raises from the decompressors and the tar reader.
-DECODE_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, tarfile.TarError)
+DECODE_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, lzma.LZMAError,
+                 tarfile.TarError)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -106,24 +111,39 @@ class LayerRef:
     opener: Callable[[], BinaryIO]
 
 
+def compression_of(magic: bytes) -> str | None:
+    """gzip, zstd, xz, bzip2 or None (a plain tar), from a blob's first bytes."""
+    for name, prefix in (("gzip", b"\x1f\x8b"), ("zstd", b"\x28\xb5\x2f\xfd"),
+                         ("xz", b"\xfd7zXZ\x00"), ("bzip2", b"BZh")):
+        if magic.startswith(prefix):
+            return name
+    return None
+
+
+def decompressed(buffered: io.BufferedReader) -> BinaryIO:
+    """The uncompressed stream of a blob, whatever its compression."""
+    how = compression_of(buffered.peek(6)[:6])
+    if how == "gzip":
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    if how == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
+            buffered, read_across_frames=True)
+    if how == "xz":
+        return lzma.LZMAFile(buffered)  # type: ignore[return-value]
+    if how == "bzip2":
+        return bz2.BZ2File(buffered)  # type: ignore[return-value]
+    return buffered  # type: ignore[return-value]
+
+
 class VerifiedLayerStream:
-    """A layer blob decompressed (gzip, zstd or none, by magic) while both the
-    blob and the tar are hashed; `verify()` after reading checks both digests."""
+    """A layer blob decompressed (gzip, zstd, xz, bzip2 or none, by magic) while
+    both the blob and the tar are hashed; `verify()` after reading checks both digests."""
 
     def __init__(self, layer: LayerRef, progress: Callable[[int], object] | None = None) -> None:
         self.layer = layer
         self._raw = layer.opener()
         self.blob = HashingReader(self._raw, progress)
-        buffered = io.BufferedReader(self.blob, 1 << 16)
-        magic = buffered.peek(4)[:4]
-        if magic[:2] == b"\x1f\x8b":
-            inner: BinaryIO = gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
-        elif magic == b"\x28\xb5\x2f\xfd":
-            inner = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
-                buffered, read_across_frames=True)
-        else:
-            inner = buffered  # type: ignore[assignment]
-        self.tar = HashingReader(inner)
+        self.tar = HashingReader(decompressed(io.BufferedReader(self.blob, 1 << 16)))
 
     def open_tar(self) -> tarfile.TarFile:
         return tarfile.open(fileobj=self.tar, mode="r|",  # type: ignore[call-overload]
@@ -148,13 +168,18 @@ class VerifiedLayerStream:
             return e
         return ImageError(f"{self.layer.what}: cannot unpack ({e})")
 
-    def verify(self) -> None:
-        """Read what the tar reader left, then check the blob and the diff_id."""
+    def drain(self) -> None:
+        """Read what the tar reader left and check the blob: for a stream whose
+        diff_id is not known beforehand (it is `self.tar.digest` afterwards)."""
         try:
             self.tar.drain()
         except DECODE_ERRORS as e:
             raise self.failed(e) from None
         self.check_blob()
+
+    def verify(self) -> None:
+        """Read what the tar reader left, then check the blob and the diff_id."""
+        self.drain()
         if self.tar.digest != self.layer.diff_id:
             raise _mismatch(f"{self.layer.what} (uncompressed)", self.layer.diff_id,
                             self.tar.digest)
@@ -195,8 +220,10 @@ def open_source(spec: str) -> ImageSource:
             raise ImageError(f"{path}: not an OCI image layout (no index.json)")
         return _open_oci_layout(path, tag)
     if os.path.isfile(path):
+        if not _is_docker_archive(path):
+            return _open_rootfs_tarball(path, tag)
         return _open_docker_archive(path, tag)
-    raise ImageError(f"{spec}: no such image layout or archive")
+    raise ImageError(f"{spec}: no such image layout, archive or tarball")
 
 
 def _diff_ids(config: dict, n_layers: int, what: str) -> list[str]:
@@ -371,3 +398,66 @@ def _docker_archive(tf: tarfile.TarFile, path: str, tag: str | None) -> ImageSou
                            for lr, lname in zip(layers, lnames)]}
     return ImageSource("docker-archive", os.path.abspath(path), name, manifest, config_bytes,
                        cdigest, layers, [tf.close])
+
+
+# -- root filesystem tarballs --------------------------------------------------
+
+MT_BY_COMPRESSION = {None: MT_OCI_LAYER, "gzip": MT_OCI_LAYER + "+gzip",
+                     "zstd": MT_OCI_LAYER + "+zstd", "xz": MT_OCI_LAYER + "+xz",
+                     "bzip2": MT_OCI_LAYER + "+bzip2"}
+
+
+def _is_docker_archive(path: str) -> bool:
+    """A `docker save` archive is an uncompressed tar with manifest.json at its top."""
+    with open(path, "rb") as f:
+        if compression_of(f.read(6)) is not None:
+            return False
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if m.name.lstrip("./") == "manifest.json":
+                    return True
+    except tarfile.TarError as e:
+        raise ImageError(f"{path}: not an image archive or tarball ({e})") from None
+    return False
+
+
+def _open_rootfs_tarball(path: str, tag: str | None) -> ImageSource:
+    """A root filesystem tarball (.tar, .tar.gz, .tar.xz, .tar.zst...) as a
+    one-layer image.  Its diff_id is not written anywhere: a first pass computes it
+    (and the blob digest), the import then checks the data against both."""
+    with open(path, "rb") as raw:
+        blob = HashingReader(raw)  # type: ignore[arg-type]
+        buffered = io.BufferedReader(blob, 1 << 16)
+        how = compression_of(buffered.peek(6)[:6])
+        tar = HashingReader(decompressed(buffered))
+        try:
+            tar.drain()
+            blob.drain()
+        except DECODE_ERRORS as e:
+            raise ImageError(f"{path}: cannot read the tarball ({e})") from None
+    if tar.count == 0:
+        raise ImageError(f"{path}: empty file")
+    diff_id = tar.digest
+    created = datetime.datetime.fromtimestamp(
+        os.stat(path).st_mtime, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    os_, arch = _host_platform()
+    config_bytes = json.dumps(
+        {"architecture": arch, "os": os_, "created": created, "config": {},
+         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+         "history": [{"created": created,
+                      "created_by": f"cowfs image import {os.path.basename(path)}"}]},
+        separators=(",", ":"), sort_keys=True).encode()
+    cdigest = sha256_digest(config_bytes)
+    media_type = MT_BY_COMPRESSION[how]
+    layer = LayerRef(what=f"tarball {path}", diff_id=diff_id, digest=blob.digest,
+                     media_type=media_type, size=blob.count, opener=_file_opener(path))
+    manifest = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+                "config": {"mediaType": MT_OCI_CONFIG, "digest": cdigest,
+                           "size": len(config_bytes)},
+                "layers": [{"mediaType": media_type, "digest": blob.digest, "size": blob.count}]}
+    base = os.path.basename(path)
+    for ext in (".gz", ".tgz", ".xz", ".txz", ".zst", ".zstd", ".bz2", ".tar"):
+        base = base.removesuffix(ext)
+    return ImageSource("tarball", os.path.abspath(path), f"{base}:{tag or 'latest'}", manifest,
+                       config_bytes, cdigest, [layer])

@@ -5,6 +5,14 @@ one component at a time with O_NOFOLLOW, so no name in the archive can lead
 outside the layer, whatever symlinks earlier entries created.  `..` and hard
 links that leave the layer are refused; absolute names are taken relative to the
 layer root (as docker does); device nodes are skipped unless running as root.
+
+The result is one canonical form whoever unpacks and in whatever order the
+archive lists its entries: whiteouts are kernel-form (char 0/0, which any user
+may create since Linux 5.8), opaque directories carry overlay.opaque=y (in
+trusted. as root, in user. otherwise: the kernel's userxattr rule).  A whiteout
+hides only what is below the layer (the OCI rule): a layer holding both
+`.wh.d` and `d/` deletes the lower `d` and keeps its own, which therefore is an
+opaque directory, whichever of the two comes first.
 """
 from __future__ import annotations
 
@@ -21,7 +29,8 @@ from dataclasses import dataclass, field
 from ..overlay.layers import DIR_FLAGS, lstat_or_none, xattr_path
 from .errors import ImageError
 from .merged import Stack, close_sources
-from .ovlformat import OPAQUE_MARKER, WH_PREFIX, is_hidden_marker, is_overlay_xattr, user_xattrs
+from ..overlay.format import (OPAQUE_MARKER, WH_PREFIX, Format, Kind, is_private_xattr,
+                              oci_form, public_xattrs)
 
 Parts = tuple[bytes, ...]
 COPY_CHUNK = 1 << 20
@@ -82,16 +91,18 @@ def _shown(parts: Parts) -> str:
 class Unpacker:
     """Applies tar entries to the layer directory open as root_fd.
 
-    overlay_whiteouts: write whiteouts in kernel form (char 0/0, opaque xattr),
-    which needs root; otherwise keep the `.wh.` files as they are.
+    privileged: keep owners and device nodes, and mark opaque directories in
+    trusted. (else user.) xattrs.
     """
 
-    def __init__(self, root_fd: int, *, privileged: bool, overlay_whiteouts: bool,
-                 below: Stack | None = None) -> None:
+    def __init__(self, root_fd: int, *, privileged: bool, below: Stack | None = None) -> None:
         self.root_fd = root_fd
         self.privileged = privileged
-        self.overlay_whiteouts = overlay_whiteouts
+        self.opaque_xattr = Format.for_mount(userxattr=not privileged).xattr("opaque")
         self.below = below
+        # Names this layer whites out: an entry of its own at such a name stays,
+        # and a directory there is opaque (the lower one is deleted).
+        self._whited: set[Parts] = set()
         self.stats = UnpackStats()
         self._cached: tuple[Parts, int] | None = None
         # Directory modes and times, applied after their contents are written.
@@ -122,17 +133,19 @@ class Unpacker:
                     if not create:
                         raise UnsafeEntry(f"refusing {shown}: "
                                           f"{_shown(parts[:i + 1])} is not in this layer") from None
-                    os.mkdir(comp, 0o755, dir_fd=fd)
-                    nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
-                    os.fchmod(nfd, 0o755)  # regardless of the umask
-                    self._implicit.add(parts[:i + 1])
+                    nfd = self._mkdir_implied(fd, parts[:i + 1])
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
                     st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
-                    what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                    raise UnsafeEntry(f"refusing {shown}: {_shown(parts[:i + 1])} is {what} "
-                                      "in this layer (no writing through it)") from None
+                    if not (create and parts[:i + 1] in self._whited and stat.S_ISCHR(st.st_mode)):
+                        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                        raise UnsafeEntry(f"refusing {shown}: {_shown(parts[:i + 1])} is {what} "
+                                          "in this layer (no writing through it)") from None
+                    # This layer's whiteout, and now a directory of its own there.
+                    os.unlink(comp, dir_fd=fd)
+                    nfd = self._mkdir_implied(fd, parts[:i + 1])
+                    self._set_opaque(nfd)
                 os.close(fd)
                 fd = nfd
         except BaseException:
@@ -140,6 +153,13 @@ class Unpacker:
             raise
         self._drop_cache()
         self._cached = (parts, os.dup(fd))
+        return fd
+
+    def _mkdir_implied(self, pfd: int, parts: Parts) -> int:
+        os.mkdir(parts[-1], 0o755, dir_fd=pfd)
+        fd = os.open(parts[-1], DIR_FLAGS, dir_fd=pfd)
+        os.fchmod(fd, 0o755)  # regardless of the umask
+        self._implicit.add(parts)
         return fd
 
     def _remove(self, pfd: int, parts: Parts, keep_dir: bool) -> os.stat_result | None:
@@ -155,6 +175,7 @@ class Unpacker:
             n = len(parts)
             self._dirs = {k: v for k, v in self._dirs.items() if k[:n] != parts}
             self._implicit = {k for k in self._implicit if k[:n] != parts}
+            self._whited = {k for k in self._whited if k[:n] != parts or k == parts}
         else:
             os.unlink(parts[-1], dir_fd=pfd)
         return None
@@ -203,37 +224,59 @@ class Unpacker:
             os.close(pfd)
 
     def _whiteout(self, parts: Parts, m: tarfile.TarInfo) -> bool:
-        """Handle a `.wh.` entry; False means keep it as a plain file."""
+        """Handle a `.wh.` entry; False means it is an ordinary name after all."""
         name = parts[-1]
         shown = f"whiteout {m.name!r}"
         if name == OPAQUE_MARKER:
-            if not self.overlay_whiteouts:
-                return False
             fd = self._dir(parts[:-1], True, shown)
             try:
-                os.setxattr(fd, "trusted.overlay.opaque", b"y")
+                self._set_opaque(fd)
             finally:
                 os.close(fd)
             return True
-        if is_hidden_marker(name):
+        form = oci_form(name)
+        if form is None or form.kind is Kind.MARKER:
             self.warn(f"skipped AUFS metadata entry {m.name!r}")
             return True
-        if not self.overlay_whiteouts:
-            return False
+        target = parts[:-1] + (name[len(WH_PREFIX):],)
         pfd = self._dir(parts[:-1], True, shown)
         try:
-            target = parts[:-1] + (name[len(WH_PREFIX):],)
-            self._remove(pfd, target, keep_dir=False)
-            os.mknod(target[-1], stat.S_IFCHR, 0, dir_fd=pfd)
+            self._whited.add(target)
+            st = lstat_or_none(pfd, target[-1])
+            if st is None:
+                self._mknod_whiteout(pfd, target[-1], shown)
+            elif stat.S_ISDIR(st.st_mode):  # this layer's own directory: it replaces the lower
+                fd = os.open(target[-1], DIR_FLAGS, dir_fd=pfd)
+                try:
+                    self._set_opaque(fd)
+                finally:
+                    os.close(fd)
+            # Any other entry of this layer at that name already hides the lower one.
         finally:
             os.close(pfd)
         return True
+
+    def _mknod_whiteout(self, pfd: int, name: bytes, shown: str) -> None:
+        try:
+            os.mknod(name, stat.S_IFCHR, 0, dir_fd=pfd)
+        except PermissionError:
+            raise ImageError(f"cannot create {shown}: this kernel lets only root make "
+                             "whiteouts (Linux 5.8 or later allows it)") from None
+
+    def _set_opaque(self, fd: int) -> None:
+        os.setxattr(fd, self.opaque_xattr, b"y")
 
     def _create(self, pfd: int, parts: Parts, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
         name = parts[-1]
         if m.isdir():
             if self._remove(pfd, parts, keep_dir=True) is None:
                 os.mkdir(name, 0o700, dir_fd=pfd)
+            if parts in self._whited:
+                fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+                try:
+                    self._set_opaque(fd)
+                finally:
+                    os.close(fd)
             self._meta(pfd, name, m)
             self._dirs[parts] = (m.mode & 0o7777, *times_ns(m))
             self._implicit.discard(parts)
@@ -241,8 +284,6 @@ class Unpacker:
         if m.islnk():
             self._hardlink(pfd, parts, m)
             return
-        if name.startswith(WH_PREFIX):  # a kept OCI whiteout is an empty file, whatever its type
-            m = _as_empty_file(m)
         if (m.ischr() or m.isblk()) and not self.privileged:
             self.warn(f"skipped device node {m.name!r} (needs root)")
             return
@@ -328,7 +369,7 @@ class Unpacker:
     def _set_xattrs(self, pfd: int, name: bytes | None, m: tarfile.TarInfo) -> None:
         path: int | bytes = pfd if name is None else xattr_path(pfd, name)
         for key, value in tar_xattrs(m).items():
-            if is_overlay_xattr(key):
+            if is_private_xattr(key):
                 self.warn(f"dropped overlay xattr {key} of {m.name!r} (not image content)")
                 continue
             self._setxattr(path, key, value)
@@ -361,8 +402,8 @@ class Unpacker:
         """An implied directory shows through the overlay as this layer's copy, so
         give it the metadata the layers below have (a /tmp implied as 0755 would
         break the root filesystem); with nothing below it stays root's 0755."""
-        if self.below is None:
-            return
+        if self.below is None or any(parts[:i] in self._whited for i in range(1, len(parts) + 1)):
+            return  # nothing below, or what is below is deleted by this layer
         if parts:
             found = self.below.lookup(parts)
             if found is None:
@@ -371,23 +412,17 @@ class Unpacker:
             try:
                 if not stat.S_ISDIR(entry.st.st_mode):
                     return
-                st, xattrs = entry.st, user_xattrs(entry.dir_fd, entry.name)
+                st, xattrs = entry.st, public_xattrs(entry.dir_fd, entry.name)
             finally:
                 close_sources(sources)
         else:
-            st, xattrs = os.fstat(self.below.fds[0]), user_xattrs(self.below.fds[0], b".")
+            st, xattrs = os.fstat(self.below.fds[0]), public_xattrs(self.below.fds[0], b".")
         if self.privileged:
             os.fchown(fd, st.st_uid, st.st_gid)
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
         for key, value in xattrs.items():
             self._setxattr(fd, key, value)
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _as_empty_file(m: tarfile.TarInfo) -> tarfile.TarInfo:
-    e = tarfile.TarInfo(m.name)
-    e.mode, e.uid, e.gid, e.mtime, e.pax_headers = m.mode, m.uid, m.gid, m.mtime, {}
-    return e
 
 
 def _write_all(fd: int, data: bytes) -> None:

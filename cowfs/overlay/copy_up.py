@@ -14,13 +14,14 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from typing import TYPE_CHECKING
 
 
 from .inodes import Node
-from .layers import (entry_xattrs, lstat_at, lstat_or_none, open_file_at, renameat2,
-                     walk_dirs)
-from .format import NO_XATTR, is_private_xattr, private_xattr_name
+from .layers import (FS_APPEND_FL, inode_flags, lstat_at, lstat_or_none, open_file_at,
+                     renameat2, set_inode_flags, walk_dirs)
+from .format import NO_XATTR, public_xattrs
 
 if TYPE_CHECKING:
     from .super import Overlay
@@ -94,12 +95,6 @@ def _copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
                  follow_symlinks=False)
 
 
-def _public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
-    # Overlay-private xattrs belong to their layer (an opaque mark of a lower dir
-    # must not make the upper copy hide that very lower dir).
-    return {k: v for k, v in entry_xattrs(dir_fd, name).items() if not is_private_xattr(k)}
-
-
 def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     """Rename the finished copy into place and make node an upper node."""
     assert node.parent is not None
@@ -136,9 +131,10 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
         return
     assert node.parent is not None
     ensure_upper_dir(ov, node.parent)
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
-    xattrs = _public_xattrs(src_fd, node.name)
+    xattrs = public_xattrs(src_fd, node.name)
     tmp = ov.tmp_name()
     os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
     _copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
@@ -147,6 +143,7 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     os.utime(node.name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=ov.table.dir_fd(node.parent, 0),
              follow_symlinks=False)
     node.layers = (0,) + node.layers
+    ov.events.copied_up(node, src_layer, 0, False, t0)
 
 
 def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) -> None:
@@ -179,6 +176,7 @@ def copy_up(ov: Overlay, node: Node, data: bool = True, truncate: bool = False) 
 
 def _copy_up_special(ov: Overlay, node: Node) -> None:
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
     tmp = ov.tmp_name()
@@ -186,9 +184,10 @@ def _copy_up_special(ov: Overlay, node: Node) -> None:
         os.symlink(os.readlink(node.name, dir_fd=src_fd), tmp, dir_fd=ov.work_fd)
     else:
         os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ov.work_fd)
-    _copy_meta(ov, st, _public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
+    _copy_meta(ov, st, public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
     _install(ov, node, tmp)
     node.lower_layer = None
+    ov.events.copied_up(node, src_layer, 0, False, t0)
 
 
 def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
@@ -198,11 +197,13 @@ def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
 
 def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_dir = ov.table.dir_fd(node.parent, node.layer)
-    src = open_file_at(src_dir, node.name, os.O_RDONLY)
+    # A lower metacopy file's data is further down (open_lower_data finds it).
+    src = open_lower_data(ov, node)
     try:
-        st = os.fstat(src)
-        xattrs = _public_xattrs(src_dir, node.name)
+        st = lstat_at(src_dir, node.name)
+        xattrs = public_xattrs(src_dir, node.name)
         tmp, dst = _new_tmp_file(ov)
         try:
             if not truncate:
@@ -216,32 +217,37 @@ def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
         os.close(src)
     _install(ov, node, tmp)
     node.lower_layer = None
+    node.redirect = None
+    ov.events.copied_up(node, src_layer, 0 if truncate else st.st_size, False, t0)
 
 
 def _copy_up_meta(ov: Overlay, node: Node) -> None:
     """A sparse placeholder with the lower file's metadata and a metacopy mark."""
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_dir = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_dir, node.name)
     tmp, dst = _new_tmp_file(ov)
     try:
         os.ftruncate(dst, st.st_size)
-        os.setxattr(dst, private_xattr_name(ov.euid, "metacopy"), b"")
-        _copy_meta(ov, st, _public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
+        os.setxattr(dst, ov.fmt.xattr("metacopy"), b"")
+        _copy_meta(ov, st, public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
     finally:
         os.close(dst)
     _install(ov, node, tmp)
     node.metacopy = True
     node.lower_layer = node.lower_layer or node.layer
+    ov.events.copied_up(node, src_layer, 0, True, t0)
 
 
 def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     """Fill a metacopy placeholder with its data, then drop the mark: until the
     mark is gone (after fsync), reads still come from the lower file."""
     assert node.parent is not None
+    t0, src_layer = time.perf_counter_ns(), node.lower_layer  # for the copy-up event
     src = open_lower_data(ov, node)
     try:
-        dst = open_file_at(ov.table.dir_fd(node.parent, 0), node.name, os.O_WRONLY)
+        dst, append_only = _open_placeholder(ov.table.dir_fd(node.parent, 0), node.name)
         try:
             st = os.fstat(dst)
             if truncate:
@@ -251,14 +257,16 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             if not ov.volatile:
                 ov.unlocked(os.fsync, dst)
-            os.removexattr(dst, private_xattr_name(ov.euid, "metacopy"))
+            os.removexattr(dst, ov.fmt.xattr("metacopy"))
             if node.redirect is not None:
                 # The kernel's redirect of a metacopy file has served its purpose.
                 try:
-                    os.removexattr(dst, private_xattr_name(ov.euid, "redirect"))
+                    os.removexattr(dst, ov.fmt.xattr("redirect"))
                 except OSError as e:
                     if e.errno not in NO_XATTR:
                         raise
+            if append_only:
+                set_inode_flags(dst, inode_flags(dst) | FS_APPEND_FL)
         finally:
             os.close(dst)
     finally:
@@ -267,6 +275,25 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
     node.metacopy = False
     node.lower_layer = None
     node.gen += 1
+    ov.events.copied_up(node, src_layer, 0 if truncate else st.st_size, False, t0)
+
+
+def _open_placeholder(dir_fd: int, name: bytes) -> tuple[int, bool]:
+    """The metacopy placeholder opened for its data.  One made append-only
+    (chattr +a) refuses that; the copy is not a write of the program's, so the
+    flag is lifted for it and put back after (an immutable file stays refused)."""
+    try:
+        return open_file_at(dir_fd, name, os.O_WRONLY), False
+    except PermissionError:
+        ro = open_file_at(dir_fd, name, os.O_RDONLY)
+        try:
+            flags = inode_flags(ro)
+            if not flags & FS_APPEND_FL:
+                raise
+            set_inode_flags(ro, flags & ~FS_APPEND_FL)
+        finally:
+            os.close(ro)
+        return open_file_at(dir_fd, name, os.O_WRONLY), True
 
 
 def open_lower_data(ov: Overlay, node: Node) -> int:

@@ -20,30 +20,27 @@ from .inode import upper_dir_fd, upper_ref
 from .inodes import Node
 from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_at,
                      lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
-from .namei import lookup, lower_entry, lower_path
+from .format import (NAME_MAX, WH_PREFIX, has_oci_whiteout, is_reserved_name, is_whiteout_stat,
+                     whited_out_at)
+from .namei import freeze_paths, lookup, lower_entry, lower_path
 from .readdir import merged_names
-from .format import WH_PREFIX, is_whiteout_stat, private_xattr_name
 
 if TYPE_CHECKING:
     from .super import Overlay
 
-NAME_MAX = 255
 SHARED_WHITEOUT = b"whiteout"
 
 
 def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long")
-    if name.startswith(WH_PREFIX):
+    if is_reserved_name(name):
         raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
 
 
 def _whited_out(ov: Overlay, ufd: int, name: bytes) -> bool:
     """Is there a whiteout at name in the upper directory ufd?"""
-    st = lstat_or_none(ufd, name)
-    if st is not None:
-        return is_whiteout_stat(st)
-    return ov.wh_fallback and lstat_or_none(ufd, WH_PREFIX + name) is not None
+    return whited_out_at(ov.fmt, ufd, name)
 
 
 def _prepare_new(ov: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
@@ -80,7 +77,7 @@ def _place(ov: Overlay, ufd: int, name: bytes, covered: bool, make) -> None:
         return
     tmp = ov.tmp_name()
     make(ov.work_fd, tmp)
-    if ov.wh_fallback and lstat_or_none(ufd, name) is None:
+    if lstat_or_none(ufd, name) is None:   # the whiteout is .wh.NAME
         os.rename(tmp, name, src_dir_fd=ov.work_fd, dst_dir_fd=ufd)
         os.unlink(WH_PREFIX + name, dir_fd=ufd)
     else:
@@ -91,6 +88,7 @@ def _new_node(ov: Overlay, parent: Node, name: bytes) -> Node:
     node = lookup(ov, parent, name)
     if node is None:
         raise OSError(errno.EIO, "created entry vanished")
+    ov.events.created(node)
     return node
 
 
@@ -125,8 +123,9 @@ def mkdir(ov: Overlay, parent: Node, name: bytes, mode: int, uid: int, gid: int)
         os.mkdir(n, stat.S_IMODE(mode), dir_fd=dfd)
         os.chown(n, *owner, dir_fd=dfd, follow_symlinks=False)
         if opaque:
-            os.setxattr(xattr_path(dfd, n), private_xattr_name(ov.euid, "opaque"), b"y",
+            os.setxattr(xattr_path(dfd, n), ov.fmt.xattr("opaque"), b"y",
                         follow_symlinks=False)
+            ov.events.opaque(parent, name)
 
     _place(ov, ufd, name, covered, make)
     return _new_node(ov, parent, name)
@@ -304,6 +303,8 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
         _whiteout(ov, ufd, name)
         if node.layer == 0 and node.extra_links:
             node.extra_links -= 1   # a lower-only name of a copied-up hard link
+    if in_lower or st is None:   # every branch above left a whiteout then
+        ov.events.whiteout(parent, name)
     _detach(node, parent, name)
 
 
@@ -327,11 +328,13 @@ def _orphan(ov: Overlay, node: Node, ufd: int, name: bytes, leave_whiteout: bool
     tmp = b"#orphan-%d" % node.ino
     if leave_whiteout and _rename_whiteout(ov, ufd, name, ov.work_fd, tmp):
         node.orphan = tmp
+        ov.events.orphan(node, kept=True)
         return
     os.rename(name, tmp, src_dir_fd=ufd, dst_dir_fd=ov.work_fd)
     if leave_whiteout:
         _whiteout(ov, ufd, name)
     node.orphan = tmp
+    ov.events.orphan(node, kept=True)
 
 
 def _rename_whiteout(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes) -> bool:
@@ -382,29 +385,36 @@ def rmdir(ov: Overlay, parent: Node, name: bytes) -> None:
         _clear_upper_dir(ov, tmp)
     else:
         _whiteout(ov, ufd, name)
+    if in_lower or node.layer != 0:   # both branches above left a whiteout then
+        ov.events.whiteout(parent, name)
     _detach(node, parent, name)
     ov.table.close_fds(node)
 
 
-def _set_redirect(ov: Overlay, node: Node, same_parent: bool) -> None:
+def _set_redirect(ov: Overlay, node: Node, same_parent: bool) -> bytes:
     """A moved directory with lower parts records where they are: by its old name
     when it stays in its parent, else by absolute path (as overlayfs writes it)."""
     comps = lower_path(node)
+    freeze_paths(node)
     value = comps[-1] if same_parent and node.redirect is None else b"/" + b"/".join(comps)
     dfd, name = _self_ref(ov, node)
-    os.setxattr(xattr_path(dfd, name), private_xattr_name(ov.euid, "redirect"),
+    os.setxattr(xattr_path(dfd, name), ov.fmt.xattr("redirect"),
                 value, follow_symlinks=False)
     node.redirect = comps
+    return value
 
 
 def _set_opaque(ov: Overlay, node: Node) -> None:
     dfd, name = _self_ref(ov, node)
-    os.setxattr(xattr_path(dfd, name), private_xattr_name(ov.euid, "opaque"), b"y",
+    os.setxattr(xattr_path(dfd, name), ov.fmt.xattr("opaque"), b"y",
                 follow_symlinks=False)
 
 
+OPAQUE_MARK = b""   # (_prepare_moved_dir's answer for "made opaque", not a redirect)
+
+
 def _prepare_moved_dir(ov: Overlay, node: Node, dest_parent: Node,
-                             moves: bool, same_parent: bool) -> None:
+                             moves: bool, same_parent: bool) -> bytes | None:
     """Copy a directory up before it moves; keep its lower contents reachable
     (redirect), or, for a directory with none, keep whatever the lower layers of
     a merged destination hold under its new name out of it (opaque), as
@@ -414,9 +424,11 @@ def _prepare_moved_dir(ov: Overlay, node: Node, dest_parent: Node,
         raise OSError(errno.EXDEV, "renaming a lower directory needs redirect_dir=on")
     copy_up(ov, node)
     if has_lower and moves:
-        _set_redirect(ov, node, same_parent)
-    elif not has_lower and any(k != 0 for k in dest_parent.layers):
+        return _set_redirect(ov, node, same_parent)
+    if not has_lower and any(k != 0 for k in dest_parent.layers):
         _set_opaque(ov, node)
+        return OPAQUE_MARK
+    return None
 
 
 def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
@@ -447,8 +459,9 @@ def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
     moves = (old_parent, old_name) != (new_parent, new_name)
     src_lower = lower_entry(ov, old_parent, old_name) is not None
     dst_lower = lower_entry(ov, new_parent, new_name) is not None
+    mark = None
     if src.is_dir:
-        _prepare_moved_dir(ov, src, new_parent, moves, old_parent is new_parent)
+        mark = _prepare_moved_dir(ov, src, new_parent, moves, old_parent is new_parent)
     else:
         copy_up(ov, src)
         link_up(ov, src, old_parent, old_name)
@@ -478,10 +491,17 @@ def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
             os.rename(new_name, tmp, src_dir_fd=nfd, dst_dir_fd=ov.work_fd)
             _clear_upper_dir(ov, tmp)
         _move(ov, ofd, old_name, nfd, new_name, src_lower)
+        if src_lower:
+            ov.events.whiteout(old_parent, old_name)
         if dst is not None:
             _detach(dst, new_parent, new_name)
             ov.table.close_fds(dst)
     _moved(src, old_parent, old_name, new_parent, new_name)
+    # The mark a moved directory got, reported at its new name.
+    if mark == OPAQUE_MARK:
+        ov.events.opaque(new_parent, new_name)
+    elif mark is not None:
+        ov.events.redirect(src, mark)
 
 
 def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
@@ -495,7 +515,7 @@ def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
         if not leave_whiteout:
             os.unlink(old, dir_fd=ofd)
         return
-    if ov.wh_fallback and lstat_or_none(nfd, WH_PREFIX + new) is not None:
+    if has_oci_whiteout(nfd, new):
         os.unlink(WH_PREFIX + new, dir_fd=nfd)
     if leave_whiteout and _rename_whiteout(ov, ofd, old, nfd, new):
         return

@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .copy_up import copy_up, open_lower_data
-from .inode import upper_ref
+from .inode import check_write_open, upper_ref
 from .inodes import Node
 from .layers import open_file_at
 
@@ -17,21 +17,24 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 class Handle:
-    __slots__ = ("node", "fd", "gen", "writable")
+    __slots__ = ("node", "fd", "gen", "writable", "append")
 
-    def __init__(self, node: Node, fd: int, writable: bool) -> None:
+    def __init__(self, node: Node, fd: int, writable: bool, append: bool = False) -> None:
         self.node = node
         self.fd = fd
         self.gen = node.gen
         self.writable = writable
+        self.append = append     # (an append-only file refuses other write opens)
 
 
-def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False) -> int:
+def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False,
+              append: bool = False) -> int:
     """An fd on the file that holds node's data now: upper, or lower until copy-up."""
     assert node.parent is not None
     if node.layer == 0 and not node.metacopy:
         # O_RDWR also for write-only opens: one handle serves reads after refresh().
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_TRUNC if trunc else 0)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_TRUNC if trunc else 0) \
+            | (os.O_APPEND if append else 0)
         # (a deleted file is reached as its orphan, never by a name that may
         # already stand for a whiteout or another file)
         return open_file_at(*upper_ref(ov, node), flags)
@@ -42,9 +45,13 @@ def open_file(ov: Overlay, node: Node, flags: int) -> Handle:
     if node.is_dir:
         raise OSError(errno.EISDIR, "is a directory")
     writable = bool(flags & WRITE_FLAGS)
+    if writable and (node.layer != 0 or node.metacopy):
+        check_write_open(ov, node, flags)
     if writable:
         copy_up(ov, node, data=True, truncate=bool(flags & os.O_TRUNC))
-    return Handle(node, open_real(ov, node, writable, bool(flags & os.O_TRUNC)), writable)
+    append = bool(flags & os.O_APPEND)
+    return Handle(node, open_real(ov, node, writable, bool(flags & os.O_TRUNC), append),
+                  writable, append)
 
 
 def attach(node: Node, fd: int) -> Handle:
@@ -55,7 +62,7 @@ def attach(node: Node, fd: int) -> Handle:
 def refresh(ov: Overlay, h: Handle) -> None:
     """Re-resolve a handle opened before its file was copied up (POSIX: readers
     see what writers wrote, whichever layer they opened)."""
-    fd = open_real(ov, h.node, h.writable)
+    fd = open_real(ov, h.node, h.writable, append=h.append)
     # The same fd number now names the new file: a read running unlocked on
     # the old one finishes there, and nothing else can get that number.
     os.dup2(fd, h.fd, inheritable=False)

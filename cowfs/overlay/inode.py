@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from .copy_up import copy_up
 from .inodes import Node
-from .layers import lstat_at, open_file_at
+from .layers import (FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR,
+                     FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, inode_flags, lstat_at, open_file_at)
 from .namei import lower_index
 
 if TYPE_CHECKING:
@@ -106,10 +107,6 @@ def upper_dir_fd(ov: Overlay, node: Node) -> int:
 
 
 # lsattr/chattr (and the VFS's fileattr calls behind them) on the real entry.
-FS_IOC_GETFLAGS = 0x80086601
-FS_IOC_SETFLAGS = 0x40086602
-FS_IOC_FSGETXATTR = 0x801C581F
-FS_IOC_FSSETXATTR = 0x401C5820
 ATTR_IOCTLS = {FS_IOC_GETFLAGS: False, FS_IOC_SETFLAGS: True,
                FS_IOC_FSGETXATTR: False, FS_IOC_FSSETXATTR: True}
 
@@ -125,6 +122,25 @@ def _flags_fd(ov: Overlay, node: Node) -> int:
     assert node.parent is not None
     return open_file_at(ov.table.dir_fd(node.parent, node.layer), node.name,
                         os.O_RDONLY | os.O_NONBLOCK)
+
+
+def check_write_open(ov: Overlay, node: Node, flags: int) -> None:
+    """Before a copy-up for a write open: an append-only or immutable file
+    refuses it (EPERM) as the real file would, before anything is copied."""
+    if not stat.S_ISREG(node.mode):
+        return
+    fd = _flags_fd(ov, node)
+    try:
+        attrs = inode_flags(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return
+        raise
+    finally:
+        os.close(fd)
+    if attrs & FS_IMMUTABLE_FL or (attrs & FS_APPEND_FL
+                                   and (flags & os.O_TRUNC or not flags & os.O_APPEND)):
+        raise OSError(errno.EPERM, "append-only or immutable file")
 
 
 def attr_ioctl(ov: Overlay, node: Node, cmd: int, data: bytes, out_size: int) -> bytes:

@@ -23,7 +23,7 @@ _NO_FDS: dict[int, int] = {}
 
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
-                 "redirect", "fds", "index", "gen", "metacopy",
+                 "redirect", "paths", "fds", "index", "gen", "metacopy",
                  "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
@@ -35,7 +35,11 @@ class Node:
         self.layer = layer              # layer of the topmost real entry (0 = upper)
         self.lower_layer = lower_layer  # lower layer holding the data, if any
         self.layers = layers            # directories: every layer merged in, top first
-        self.redirect: tuple[bytes, ...] | None = None  # lower path of a moved dir
+        # dirs: the lower path a redirect written for it names; metacopy and
+        # lower files: the path of their data in layer lower_layer
+        self.redirect: tuple[bytes, ...] | None = None
+        # dirs: lower layers reached through a redirect -> the path there
+        self.paths: dict[int, tuple[bytes, ...]] | None = None
         # directories: open fd per layer (cached); files share one empty dict
         self.fds: dict[int, int] = {} if stat.S_ISDIR(mode) else _NO_FDS
         self.index: dict[bytes, list | None] | None = None  # merged lower entries
@@ -128,6 +132,7 @@ class InodeTable:
                                            follow_symlinks=False))
             os.unlink(node.orphan, dir_fd=self.ov.work_fd)
             node.orphan = None
+            self.ov.events.orphan(node, kept=False)
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The fd of node's directory in one layer, opened without following links."""
@@ -138,8 +143,8 @@ class InodeTable:
             return fd
         if node.parent is None:
             fd = os.dup(self.ov.layers[layer].fd)
-        elif node.redirect is not None and layer != 0:
-            fd = walk_dirs(self.ov.layers[layer].fd, node.redirect)
+        elif node.paths and layer in node.paths:
+            fd = walk_dirs(self.ov.layers[layer].fd, node.paths[layer])
             if fd is None:
                 raise FileNotFoundError(f"redirected directory gone in layer {layer}")
         else:

@@ -9,6 +9,7 @@ handed to the kernel.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import stat
 
@@ -83,14 +84,6 @@ def xattr_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
-def entry_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
-    """All xattrs of one entry, without following it."""
-    path = xattr_path(dir_fd, name)
-    return {n: os.getxattr(path, n, follow_symlinks=False)
-            for n in os.listxattr(path, follow_symlinks=False)}
-
-
-
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
@@ -109,3 +102,20 @@ def renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> N
 def make_whiteout(dir_fd: int, name: bytes) -> None:
     """A kernel-form whiteout: character device 0/0, mode 0, as overlayfs makes it."""
     os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+
+
+# Inode flags (lsattr/chattr) and the ioctls that read and set them.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+
+
+def inode_flags(fd: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))[:4], "little")
+
+
+def set_inode_flags(fd: int, flags: int) -> None:
+    fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(8, "little"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from .format import Kind, classify, dir_marks
 from .inodes import Node
 from .namei import lower_index
-from .format import WH_PREFIX, is_whiteout_stat
 
 if TYPE_CHECKING:
     from .super import Overlay
@@ -24,16 +24,15 @@ def _merge(ov: Overlay, node: Node) -> list[bytes]:
     names: list[bytes] = []
     hidden: set[bytes] = set()
     if node.layer == 0:
-        with os.scandir(ov.table.dir_fd(node, 0)) as it:
+        fd = ov.table.dir_fd(node, 0)
+        marks = dir_marks(ov.fmt, fd)
+        with os.scandir(fd) as it:
             for e in it:
-                name = os.fsencode(e.name)
-                if name.startswith(WH_PREFIX):
-                    hidden.add(name[4:])
-                elif not (e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
-                          or e.is_symlink()) and is_whiteout_stat(e.stat(follow_symlinks=False)):
-                    hidden.add(name)
-                else:
-                    names.append(name)
+                c = classify(ov.fmt, fd, os.fsencode(e.name), e, marks)
+                if c.kind is Kind.WHITEOUT:
+                    hidden.add(c.target)
+                elif c.kind is Kind.ENTRY:
+                    names.append(c.target)
         if len(node.layers) == 1:
             return names
         hidden.update(names)

@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 
+from .format import Format
+from .events import EventBus
 from .inodes import ROOT_INO, InodeNumbers, InodeTable, Node
-from .layers import DIR_FLAGS, Layer
+from .layers import DIR_FLAGS, Layer, make_whiteout
 from .params import MountConfig
 
 WORK_SUBDIR = "work"
@@ -28,6 +30,7 @@ T = TypeVar("T")
 class Overlay:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
+        self.events = EventBus()
         # Modes arrive with the caller's umask applied by the kernel; the daemon's
         # own umask must not strip them a second time.
         os.umask(0)
@@ -37,19 +40,27 @@ class Overlay:
         self.layers: list[Layer | None] = [Layer(0, cfg.upperdir, True) if cfg.upperdir else None]
         self.layers += [Layer(i + 1, p, False) for i, p in enumerate(cfg.lowerdirs)]
         self.lower_indexes = tuple(range(1, len(self.layers)))
+        # Data-only layers (lowerdir=a:b::data) merge into no directory: only a
+        # metacopy file's absolute redirect reaches them.
+        self.merge_lowers = self.lower_indexes[:len(self.lower_indexes) - cfg.data_layers]
+        self.data_lowers = self.lower_indexes[len(self.merge_lowers):]
+        self.bottom_layer = self.merge_lowers[-1]
+        self.fmt = Format.for_mount(cfg.userxattr)
+        self.follow_redirects = cfg.follow_redirects
         self.upper = self.layers[0]
         self.read_only = cfg.read_only or self.upper is None
         self.volatile = cfg.volatile
         self.metacopy = cfg.metacopy
-        self.redirect_dir = cfg.redirect_dir
+        self.redirect_dir = cfg.redirect_dir == "on"
         self.euid = os.geteuid()
-        # Where mknod of a 0/0 whiteout is refused, deletions fall back to .wh.NAME.
-        self.wh_fallback = self.euid != 0
         self.numbers = InodeNumbers()
         # Keep half the fd limit for open files; the rest may cache directory fds.
         self.table = InodeTable(self, max(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
         self.work_fd = self._open_work() if self.upper else -1
         self._tmp_seq = itertools.count()
+        # Where mknod of a 0/0 whiteout is refused (users before Linux 5.8),
+        # deletions fall back to .wh.NAME.
+        self.wh_fallback = self.upper is not None and not self._can_make_whiteouts()
         # The core runs one operation at a time under this lock; long blocking
         # work (copying data, fsync) runs unlocked(), so other requests go on.
         self.lock = threading.Lock()
@@ -58,12 +69,14 @@ class Overlay:
         top = 0 if self.upper else 1
         root_st = os.fstat(self.layers[top].fd)
         self.root = Node(ROOT_INO, None, b"", root_st.st_mode, top, None,
-                         tuple(i for i, layer in enumerate(self.layers) if layer))
+                         (0,) * (self.upper is not None) + self.merge_lowers)
         self.numbers.keep(root_st, ROOT_INO)
         self.table.add(self.root)
         # Does whoever serves the overlay still hold node (the kernel's lookup
         # count)?  A deleted file it holds lives on as an orphan in work/.
         self.is_held: Callable[[Node], bool] = lambda node: False
+        # Told before blocking work, so the server can go on serving meanwhile.
+        self.before_block: Callable[[], None] = lambda: None
 
     def _open_work(self) -> int:
         """workdir/work, emptied: leftovers of an interrupted copy-up never show."""
@@ -74,6 +87,15 @@ class Overlay:
         os.mkdir(path, 0o700)
         return os.open(path, DIR_FLAGS)
 
+    def _can_make_whiteouts(self) -> bool:
+        name = self.tmp_name()
+        try:
+            make_whiteout(self.work_fd, name)
+        except PermissionError:
+            return False
+        os.unlink(name, dir_fd=self.work_fd)
+        return True
+
     def tmp_name(self) -> bytes:
         return b"#cowfs-%d-%d" % (os.getpid(), next(self._tmp_seq))
 
@@ -83,6 +105,7 @@ class Overlay:
 
     def unlocked(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work without the core lock (the caller holds it)."""
+        self.before_block()
         self.lock.release()
         try:
             return fn(*args)
