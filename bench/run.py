@@ -32,6 +32,7 @@ import report  # noqa: E402
 from workloads import RUNNERS, Ctx, StepError, applies  # noqa: E402
 
 DEFAULT_ROOT = Path("/tmp/bench-helper")
+PULL_SECTION = "## Registry pull"     # bench/pull.py's (importing it starts its test helpers)
 
 
 def _csv(kind: str, allowed: list[str]):
@@ -384,11 +385,17 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
 
 
 def kept_sections(path: Path) -> list[str]:
-    """Sections other scripts keep in RESULTS.md (bench/events_overhead.py's)."""
+    """Sections other scripts keep in RESULTS.md: bench/pull.py's (a heading of its own,
+    up to the next one) and bench/events_overhead.py's (between its markers)."""
     old = path.read_text() if path.exists() else ""
-    if KEPT_BEGIN not in old:
-        return []
-    return [KEPT_BEGIN + old.split(KEPT_BEGIN, 1)[1].split(KEPT_END, 1)[0] + KEPT_END, ""]
+    out = []
+    if PULL_SECTION in old:
+        rest = old.split(PULL_SECTION, 1)[1]
+        end = min(i for i in (rest.find("\n## "), rest.find(KEPT_BEGIN), len(rest)) if i >= 0)
+        out += [(PULL_SECTION + rest[:end]).rstrip("\n"), ""]
+    if KEPT_BEGIN in old:
+        out += [KEPT_BEGIN + old.split(KEPT_BEGIN, 1)[1].split(KEPT_END, 1)[0] + KEPT_END, ""]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
