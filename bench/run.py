@@ -340,7 +340,8 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
               "append rows include fsync; `chmod + sync` adds a global sync; the `cp + sync` "
               "row copies the same file within the same mount (plain: the same disk).",
               "- Where cowfs spends its time (py-spy profiles, request counts): "
-              "[PROFILE.md](PROFILE.md); `scripts/bench --profile` records new ones.",
+              "[PROFILE.md](PROFILE.md); `scripts/bench --profile` records new ones. "
+              "Every raw value of this run: [results.json](results.json).",
               "- Memory: RSS (VmRSS) of the FUSE daemon process (found through its argv), "
               "settled; after the walk and again after `echo 2 > drop_caches` makes the "
               "kernel forget the inodes.",
@@ -510,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         if have_chart:
             chart_name = "results.png"
             shutil.copyfile(ns.out / "chart.png", results_md.parent / chart_name)
+        # The raw figures behind it, kept with it (bench/out/ is not in git).
+        shutil.copyfile(ns.out / "results.json", results_md.parent / "results.json")
         write_results_md(results_md, meta, cfg, md, summary_md, targets_md, notes,
                          runner.failures, runner.status, chart_name, elapsed)
         console.print(f"bench: wrote {results_md}")
