@@ -329,7 +329,7 @@ def chart(path: Path, rows: list[dict], backends: list[str], title: str) -> bool
     import matplotlib.pyplot as plt
 
     rel_rows = [r for r in rows if "kernel" in r["median"]]
-    mem_rows = [r for r in rows if r["unit"] == "MiB" and r["median"]]
+    mem_rows = [r for r in rows if r["metric"].startswith("rss_") and r["median"]]
     others = [b for b in backends if b != "kernel"]
     if not rel_rows and not mem_rows:
         return False
