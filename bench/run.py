@@ -350,7 +350,8 @@ def write_results_md(path: Path, meta: dict, cfg: Config, md_table: str, summary
               "lstat of N distinct missing names (one LOOKUP each), "
               "statx(AT_STATX_FORCE_SYNC) of warm files (one GETATTR or STATX each: the "
               "flag goes past the kernel's attribute cache), open + close of warm files "
-              "(OPEN, FLUSH, RELEASE; per pair). Clock ticks are 10 ms, so N is large.",
+              "(OPEN, RELEASE and FLUSH unless the daemon declines it; per pair). Clock ticks "
+              "are 10 ms, so N is large.",
               "- Reads (rows 1-2) are of the big lower file; `Cached` is the growth of "
               "Cached in /proc/meminfo during the read after drop_caches (the whole "
               "machine's page cache: other work on it adds noise).",

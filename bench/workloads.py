@@ -154,7 +154,7 @@ def run_cpu(ctx: Ctx) -> dict:
     around N requests of one kind: lookups of distinct missing names (each one LOOKUP,
     the kernel caches the negative entry), statx(AT_STATX_FORCE_SYNC) of warm files (one
     GETATTR or STATX each, past the kernel's attribute cache) and open + close of warm
-    files (OPEN, FLUSH, RELEASE)."""
+    files (OPEN, RELEASE and FLUSH unless the daemon declines it)."""
     out = {}
     with ctx.mount() as m:
         if not m.pids:
