@@ -24,7 +24,8 @@ _NO_FDS: dict[int, int] = {}
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "paths", "fds", "index", "gen", "metacopy",
-                 "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links")
+                 "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links",
+                 "upper_wh")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
                  layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:
@@ -53,6 +54,8 @@ class Node:
         # Known to have no security.capability: the kernel asks before every write.
         self.no_caps = False
         self.listing: list[bytes] | None = None  # directories: merged names, cached
+        # directories: does the upper copy hold OCI `.wh.` names (None: not scanned)
+        self.upper_wh: bool | None = None
         # Names of a copied-up lower hard link still only in the lower layer: they
         # count in st_nlink, and are linked up when they are renamed.
         self.extra_links = 0

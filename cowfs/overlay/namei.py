@@ -101,12 +101,24 @@ def lookup(ov: Overlay, parent: Node, name: bytes) -> Node | None:
                 return None
             return _upper_node(ov, parent, name, st, ufd)
         # The OCI form counts in the upper layer too (readdir hides NAME for it).
-        if has_oci_whiteout(ufd, name):
+        if _may_hold_oci_whiteouts(ov, parent, ufd) and has_oci_whiteout(ufd, name):
             return None
     ent = lower_index(ov, parent).get(name)
     if ent is None:
         return None
     return _lower_node(ov, parent, name, ent)
+
+
+def _may_hold_oci_whiteouts(ov: Overlay, parent: Node, ufd: int) -> bool:
+    """Can the upper directory hold `.wh.` names?  Only ones it had when mounted:
+    cowfs makes none (but where 0/0 whiteouts are refused), and users cannot
+    create such names.  Known after one scan, so a miss costs one lstat."""
+    if ov.wh_fallback:
+        return True
+    if parent.upper_wh is None:
+        with os.scandir(ufd) as it:
+            parent.upper_wh = any(e.name.startswith(".wh.") for e in it)
+    return parent.upper_wh
 
 
 def lookup_listed(ov: Overlay, parent: Node, name: bytes) -> Node | None:
