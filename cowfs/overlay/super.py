@@ -83,6 +83,8 @@ class Overlay:
         assert self.cfg.workdir is not None
         path = os.path.join(self.cfg.workdir, WORK_SUBDIR)
         if os.path.lexists(path):
+            if not os.path.islink(path) and os.stat(path).st_uid == self.euid:
+                os.chmod(path, 0o700)   # (the kernel leaves work/ mode 0: a user could not empty it)
             shutil.rmtree(path)
         os.mkdir(path, 0o700)
         return os.open(path, DIR_FLAGS)
