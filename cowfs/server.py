@@ -9,7 +9,6 @@ listings and page cache.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -31,15 +30,6 @@ from .overlay.readdir import merged_names
 log = logging.getLogger("cowfs")
 
 BIG_IO = 256 * 1024     # reads and writes at least this big run without the core lock
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.syncfs.argtypes = [ctypes.c_int]
-
-
-def _libc_check(ret: int) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -297,26 +287,18 @@ class OverlayServer(Operations):
             self.session.backing_close(b.id)
 
     def fsync(self, fh: int, datasync: bool) -> None:
-        h = self._handle(fh)
-        if h.writable and not self.ov.volatile:
-            self.ov.unlocked(os.fdatasync if datasync else os.fsync, h.fd)
+        file.fsync(self.ov, self._handle(fh), datasync)
 
     def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
-        h = self._handle(fh)
-        if not h.writable:
-            raise OSError(errno.EBADF, "not open for writing")
-        _libc_check(self.ov.unlocked(_libc.fallocate, h.fd, mode, off, length))
+        file.fallocate(self.ov, self._handle(fh), mode, off, length)
 
     def lseek(self, fh: int, off: int, whence: int) -> int:
         return os.lseek(self._handle(fh).fd, off, whence)
 
     def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
                         length: int, flags: int) -> int:
-        src, dst = self._handle(fh_in), self._handle(fh_out)
-        if not dst.writable:
-            raise OSError(errno.EBADF, "not open for writing")
-        # Between the real files: a reflink or an in-kernel copy where they can.
-        return self.ov.unlocked(os.copy_file_range, src.fd, dst.fd, length, off_in, off_out)
+        return file.copy_range(self.ov, self._handle(fh_in), off_in, self._handle(fh_out),
+                               off_out, length)
 
     def ioctl(self, v: View, fh: int, cmd: int, data: bytes, out_size: int
               ) -> tuple[int, bytes]:
@@ -366,8 +348,7 @@ class OverlayServer(Operations):
             self.ov.unlocked(os.fsync, inode.upper_dir_fd(self.ov, v.node))
 
     def syncfs(self) -> None:
-        if self.ov.upper is not None and not self.ov.volatile:
-            _libc_check(self.ov.unlocked(_libc.syncfs, self.ov.upper.fd))
+        file.syncfs(self.ov)
 
     def statfs(self, v: View) -> os.statvfs_result:
         layer = self.ov.upper or self.ov.layers[1]

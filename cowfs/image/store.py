@@ -22,7 +22,6 @@ holds (cowfs.state), not by reading mountinfo.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import fcntl
 import hashlib
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from .. import state
+from ..overlay import layers
 from .errors import ImageError
 from .merged import Stack
 from .oci import DECODE_ERRORS, ImageSource, LayerRef, VerifiedLayerStream, split_ref
@@ -45,7 +45,6 @@ from .records import (ContainerRecord, ImageRecord, LayerRecord, RecordError, Sn
 from .unpack import Unpacker
 
 STORE_ENV = "COWFS_STORE"
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def default_store() -> str:
@@ -78,9 +77,7 @@ def syncfs(path: str) -> None:
     """Flush the whole filesystem holding path: a layer is on disk before it is published."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+        layers.syncfs(fd)
     finally:
         os.close(fd)
 
