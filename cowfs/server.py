@@ -229,6 +229,10 @@ class OverlayServer(Operations):
             if self.views.get(node) is v:
                 del self.views[node]
                 self.stale[node] = self.stale.get(node, 0) + 1
+                parent = self.views.get(node.parent) if node.parent is not None else None
+                if parent is not None and self.session is not None:
+                    # (other cached names of it are looked up again too)
+                    self.session.inval_entry(parent, node.name)
             raise OSError(errno.ESTALE, "file copied up under passthrough readers")
         b.opens += 1
         of.passthrough = True
