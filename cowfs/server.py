@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .fuse import NOW, Ctx, DirEntry, Entry, Opened, Operations, Session, SetAttr
-from .fuse.abi import Fopen, Init, Op, dirent_type, pack_attr
+from .fuse.abi import Fopen, Init, Op, dirent_type, pack_attr, pack_statx, statx_nlink
 from .overlay import Overlay
 from .overlay import dir as dir_ops
 from .overlay import file, inode, xattrs
@@ -120,16 +120,12 @@ class OverlayServer(Operations):
 
     def _encode(self, node: Node) -> bytes:
         st = inode.getattr_(self.ov, node)
-        nlink = None
-        if node.unlinked:
-            nlink = 0     # (an orphan's real link is work/'s, not a name)
-        elif node.extra_links:
-            nlink = st.st_nlink + node.extra_links
-        elif node.is_dir and inode.is_merged(self.ov, node):
-            # A merged directory's link count is unknowable without reading every
-            # layer; like overlayfs, report 1 ("not counted": find and fts cope).
-            nlink = 1
-        return pack_attr(node.ino, st, nlink)
+        return pack_attr(node.ino, st, inode.shown_nlink(self.ov, node, st.st_nlink))
+
+    def statx(self, v: View, fh: int | None, mask: int, ctx: Ctx) -> bytes:
+        node = v.node
+        sx = inode.statx_(self.ov, node, mask)
+        return pack_statx(sx, node.ino, inode.shown_nlink(self.ov, node, statx_nlink(sx)))
 
     def _entry(self, node: Node) -> Entry:
         return Entry(self._view(node), self._attr(node))

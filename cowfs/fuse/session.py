@@ -626,7 +626,10 @@ class Session:
         raise OSError(errno.ENOTTY, "unrestricted ioctls are not served")
 
     def _statx(self, body: memoryview, nodeid: int, ctx: Ctx) -> bytes:
-        raise OSError(errno.ENOSYS, "the kernel falls back to GETATTR")
+        getattr_flags, _, fh, _sx_flags, mask = abi.STATX_IN.unpack_from(body)
+        stx = self.fs.statx(self._obj(nodeid), fh if getattr_flags & abi.GETATTR_FH else None,
+                            mask, ctx)
+        return abi.STATX_OUT_HEAD.pack(self._attr_times[0], self._attr_times[1], 0) + stx
 
 
 _OUT_HEADER_PACK = abi.OUT_HEADER.pack

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .copy_up import copy_up
 from .inodes import Node
 from .layers import (FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR,
-                     FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, inode_flags, lstat_at, open_file_at)
+                     FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, inode_flags, lstat_at, open_file_at, statx_at)
 from .namei import lower_index
 
 if TYPE_CHECKING:
@@ -45,6 +45,28 @@ def getattr_(ov: Overlay, node: Node) -> os.stat_result:
         return lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name)
     dir_fd, name = upper_ref(ov, node)
     return lstat_at(dir_fd, name)
+
+
+def shown_nlink(ov: Overlay, node: Node, real: int) -> int:
+    """The link count programs see, from the real entry's."""
+    if node.unlinked:
+        return 0     # (an orphan's real link is work/'s, not a name)
+    if node.extra_links:
+        return real + node.extra_links
+    if node.is_dir and is_merged(ov, node):
+        # A merged directory's link count is unknowable without reading every
+        # layer; like overlayfs, report 1 ("not counted": find and fts cope).
+        return 1
+    return real
+
+
+def statx_(ov: Overlay, node: Node, mask: int) -> bytearray:
+    """The struct statx of the entry that holds node now (for its birth time)."""
+    if node.parent is None:
+        return statx_at(ov.layers[node.layer].fd, b"", mask)  # type: ignore[union-attr]
+    if node.layer != 0:
+        return statx_at(ov.table.dir_fd(node.parent, node.layer), node.name, mask)
+    return statx_at(*upper_ref(ov, node), mask)
 
 
 def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,

@@ -92,6 +92,11 @@ _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.
                             ctypes.c_uint]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syncfs.argtypes = [ctypes.c_int]
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                        ctypes.c_char_p]
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+STATX_SIZE = 256
 
 
 def _check(ret: int, *names: bytes) -> None:
@@ -112,6 +117,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def syncfs(fd: int) -> None:
     _check(_libc.syncfs(fd))
+
+
+def statx_at(dir_fd: int, name: bytes, mask: int) -> bytearray:
+    """The raw struct statx of one entry (never followed; name b"" for dir_fd
+    itself): what stat does not tell, such as the birth time."""
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if not name else 0)
+    _check(_libc.statx(dir_fd, name, flags, mask, buf), name)
+    return bytearray(buf.raw)
 
 
 def make_whiteout(dir_fd: int, name: bytes) -> None:
