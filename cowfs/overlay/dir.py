@@ -22,7 +22,7 @@ from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_a
                      lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
 from .format import (NAME_MAX, WH_PREFIX, has_oci_whiteout, is_reserved_name, is_whiteout_stat,
                      whited_out_at)
-from .namei import freeze_paths, lookup, lower_entry, lower_path
+from .namei import freeze_paths, lookup, lower_entry, lower_path, upper_node
 from .readdir import merged_names
 
 if TYPE_CHECKING:
@@ -84,10 +84,16 @@ def _place(ov: Overlay, ufd: int, name: bytes, covered: bool, make) -> None:
         replace_with(ov, ufd, name, tmp)
 
 
-def _new_node(ov: Overlay, parent: Node, name: bytes) -> Node:
-    node = lookup(ov, parent, name)
-    if node is None:
-        raise OSError(errno.EIO, "created entry vanished")
+def _new_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result | None = None) -> Node:
+    """The node of an entry just made at parent/name (st: its stat, if known:
+    what was just made needs no classifying)."""
+    if st is not None:
+        node = upper_node(ov, parent, name, st, ov.table.dir_fd(parent, 0))
+    else:
+        found = lookup(ov, parent, name)
+        if found is None:
+            raise OSError(errno.EIO, "created entry vanished")
+        node = found
     ov.events.created(node)
     return node
 
@@ -106,7 +112,8 @@ def create(ov: Overlay, parent: Node, name: bytes, mode: int, flags: int,
             os.fchmod(fd, stat.S_IMODE(mode))   # chown cleared them
 
     _place(ov, ufd, name, covered, make)
-    node = _new_node(ov, parent, name)
+    node = _new_node(ov, parent, name, os.fstat(fds[0]))
+    node.no_caps = True     # (a new file has no security.capability)
     return attach(node, fds[0]), node
 
 

@@ -99,7 +99,7 @@ def lookup(ov: Overlay, parent: Node, name: bytes) -> Node | None:
         if st is not None:
             if classify(ov.fmt, ufd, name, st, None).kind is Kind.WHITEOUT:
                 return None
-            return _upper_node(ov, parent, name, st, ufd)
+            return upper_node(ov, parent, name, st, ufd)
         # The OCI form counts in the upper layer too (readdir hides NAME for it).
         if _may_hold_oci_whiteouts(ov, parent, ufd) and has_oci_whiteout(ufd, name):
             return None
@@ -149,7 +149,7 @@ def _existing(ov: Overlay, ino: int, parent: Node, name: bytes,
     return node
 
 
-def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
+def upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
                 ufd: int) -> Node:
     ino = ov.numbers.number(st)
     node = _existing(ov, ino, parent, name)
