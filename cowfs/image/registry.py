@@ -39,8 +39,7 @@ from .commit import _base_blob
 from .errors import ImageError
 from .oci import (ARCHIVE_MEMBER, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
                   MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST, ImageSource, LayerRef,
-                  _diff_ids, _host_platform, _mismatch, check_digest, sha256_digest,
-                  verified_json)
+                  check_digest, diff_ids, host_platform, mismatch, sha256_digest, verified_json)
 from .registry_auth import DOCKER_HUB, Challenge, Credentials, auth_files, find_credentials, \
     parse_www_authenticate
 from .store import Store, human_size
@@ -140,11 +139,6 @@ def parse_platform(spec: str) -> Platform:
     if len(parts) not in (2, 3) or not all(parts):
         raise UsageError(f"--platform '{spec}': expected OS/ARCH[/VARIANT], e.g. linux/arm64")
     return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-
-def host_platform() -> Platform:
-    os_, arch = _host_platform()
-    return Platform(os_, arch)
 
 
 def _platform_of(desc: dict) -> Platform | None:
@@ -555,7 +549,7 @@ class Registry:
         claimed = reference if reference.startswith("sha256:") else \
             resp.headers.get("docker-content-digest", "")
         if claimed.startswith("sha256:") and claimed != digest:
-            raise _mismatch(f"{what} manifest", claimed, digest)
+            raise mismatch(f"{what} manifest", claimed, digest)
         doc = verified_json(data, None, f"{what} manifest")
         if not doc.get("mediaType"):
             doc_type = resp.headers.get("content-type", "").split(";")[0].strip()
@@ -585,7 +579,7 @@ class Registry:
         if resp.status_code != 200:
             raise self.error(resp, what)
         if sha256_digest(resp.content) != digest:
-            raise _mismatch(what, digest, sha256_digest(resp.content))
+            raise mismatch(what, digest, sha256_digest(resp.content))
         return resp.content
 
     def fetch(self, repo: str, desc: Descriptor, cache: BlobCache, bar: tqdm,
@@ -654,8 +648,8 @@ class Registry:
                     resumed = False
                     continue
                 cache.discard(digest)
-                raise _mismatch(what, digest, got if offset == size
-                                else f"{offset} bytes of {size}")
+                raise mismatch(what, digest, got if offset == size
+                               else f"{offset} bytes of {size}")
             cache.finish(f, digest)
         return fetched
 
@@ -873,7 +867,7 @@ def _image_blobs(manifest: dict, what: str) -> tuple[Descriptor, list[Descriptor
 def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None,
          transport: httpx.BaseTransport | None = None) -> PullSummary:
     ref = parse_reference(spec)
-    want = opts.platform or host_platform()
+    want = opts.platform or Platform(*host_platform())
     cache = BlobCache(store)
     creds = find_credentials(ref.registry, ref.repository,
                              [opts.auth_file] if opts.auth_file else None)
@@ -883,9 +877,9 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
         cdesc, ldescs = _image_blobs(manifest, what)
         cdigest = cdesc.digest
         config = cache.read(cdigest) or reg.blob(ref.repository, cdigest, f"{what} config")
-        diff_ids = _diff_ids(verified_json(config, cdigest, f"{what} config"), len(ldescs),
-                             f"{what} config")
-        todo = list({d.digest: d for d, diff_id in zip(ldescs, diff_ids)
+        ids = diff_ids(verified_json(config, cdigest, f"{what} config"), len(ldescs),
+                       f"{what} config")
+        todo = list({d.digest: d for d, diff_id in zip(ldescs, ids)
                      if not store.has_layer(diff_id) and not cache.has(d.digest)}.values())
         summary = PullSummary(str(ref), name or str(ref), mdigest, cdigest, len(ldescs))
         progress = Progress(sum(d.size for d in todo), opts.progress, "pull")
@@ -919,7 +913,7 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
             layers = [LayerRef(what=f"layer blob {d.digest}", diff_id=diff_id,
                                digest=d.digest, media_type=d.media_type, size=d.size,
                                opener=lambda g=d.digest: opener(g))
-                      for d, diff_id in zip(ldescs, diff_ids)]
+                      for d, diff_id in zip(ldescs, ids)]
             cache.put(mdata)  # kept, with the config, for a push of the same digests
             cache.put(config)
             src = ImageSource("registry", f"{ref.registry}/{ref.repository}@{mdigest}",
@@ -1018,8 +1012,8 @@ def _stage_blob(rec: dict, digest: str, cache: BlobCache) -> str:
             f.write(chunk)
         if "sha256:" + sha.hexdigest() != digest:
             cache.discard(digest)
-            raise _mismatch(f"layer blob {digest} at {rec.get('source')}", digest,
-                            "sha256:" + sha.hexdigest())
+            raise mismatch(f"layer blob {digest} at {rec.get('source')}", digest,
+                           "sha256:" + sha.hexdigest())
         cache.finish(f, digest)
     return cache.path(digest)
 
@@ -1034,7 +1028,7 @@ def push(store: Store, image: str, spec: str, opts: RegistryOptions,
     cdesc, ldescs = _image_blobs(manifest, rec["name"])
     config = rec["config"].encode()
     if sha256_digest(config) != cdesc.digest:
-        raise _mismatch(f"{rec['name']} config", cdesc.digest, sha256_digest(config))
+        raise mismatch(f"{rec['name']} config", cdesc.digest, sha256_digest(config))
     paths = {cdesc.digest: cache.path(cache.put(config))}
     for d in ldescs:
         paths.setdefault(d.digest, _stage_blob(rec, d.digest, cache))
