@@ -42,7 +42,8 @@ from .oci import (ARCHIVE_MEMBER, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CON
                   check_digest, diff_ids, host_platform, mismatch, sha256_digest, verified_json)
 from .registry_auth import DOCKER_HUB, Challenge, Credentials, auth_files, find_credentials, \
     parse_www_authenticate
-from .store import Store, human_size
+from .records import ImageRecord, RecordError
+from .store import Store, chain_ids, human_size
 
 MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -265,14 +266,28 @@ class BlobCache:
         return gone
 
 
+def pulled_from(rec: ImageRecord) -> Reference | None:
+    """REGISTRY/REPO@MANIFEST-DIGEST a pulled image came from; None for an imported one."""
+    if rec.kind != "registry":
+        return None
+    try:
+        ref: Reference | None = parse_reference(rec.source)
+    except UsageError:
+        ref = None
+    if ref is None or ref.digest is None:
+        raise RecordError(f"image {rec.name}: source {rec.source!r} of a pulled image is "
+                          "not REGISTRY/REPO@DIGEST")
+    return ref
+
+
 def prune_blobs(store: Store) -> int:
     """Drop kept blobs that no image in the store uses (after `image rm`)."""
     keep: set[str] = set()
     for rec in store.images():
-        keep.add(rec["id"])
-        keep.update(d.get("digest", "") for d in rec["manifest"].get("layers", []))
-        if rec.get("kind") == "registry":
-            keep.add(rec["source"].rpartition("@")[2])
+        keep.add(rec.id)
+        keep.update(d.get("digest", "") for d in rec.manifest.get("layers", []))
+        if (src := pulled_from(rec)) is not None:
+            keep.add(src.reference)  # its manifest's digest
     with store.lock():
         return BlobCache(store).prune(keep)
 
@@ -879,8 +894,9 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
         config = cache.read(cdigest) or reg.blob(ref.repository, cdigest, f"{what} config")
         ids = diff_ids(verified_json(config, cdigest, f"{what} config"), len(ldescs),
                        f"{what} config")
-        todo = list({d.digest: d for d, diff_id in zip(ldescs, ids)
-                     if not store.has_layer(diff_id) and not cache.has(d.digest)}.values())
+        # A blob is needed only for a layer the store lacks over this very base.
+        todo = list({d.digest: d for d, cid in zip(ldescs, chain_ids(ids))
+                     if not store.has_layer(cid) and not cache.has(d.digest)}.values())
         summary = PullSummary(str(ref), name or str(ref), mdigest, cdigest, len(ldescs))
         progress = Progress(sum(d.size for d in todo), opts.progress, "pull")
         stop = threading.Event()
@@ -974,15 +990,15 @@ def _oci_manifest_bytes(layout: str, manifest: dict) -> bytes | None:
     return None
 
 
-def _push_manifest(rec: dict, cache: BlobCache) -> bytes:
+def _push_manifest(rec: ImageRecord, cache: BlobCache) -> bytes:
     """The image's manifest as pulled or imported, byte for byte when those bytes
     are still at hand (so the digest stays); else the stored record, written anew."""
-    manifest = rec["manifest"]
+    manifest = rec.manifest
     data: bytes | None = None
-    if rec.get("kind") == "registry":
-        data = cache.read(rec["source"].rpartition("@")[2])
-    elif rec.get("kind") == "oci":
-        data = _oci_manifest_bytes(rec["source"], manifest)
+    if (src := pulled_from(rec)) is not None:
+        data = cache.read(src.reference)
+    elif rec.kind == "oci":
+        data = _oci_manifest_bytes(rec.source, manifest)
     if data is not None and json.loads(data) == manifest:
         return data
     fresh = {**manifest, "mediaType": manifest.get("mediaType", MT_OCI_MANIFEST),
@@ -991,18 +1007,18 @@ def _push_manifest(rec: dict, cache: BlobCache) -> bytes:
     return json.dumps(fresh, separators=(",", ":")).encode()
 
 
-def _stage_blob(rec: dict, digest: str, cache: BlobCache) -> str:
+def _stage_blob(rec: ImageRecord, digest: str, cache: BlobCache) -> str:
     """The path of a layer blob in the cache, copied (and checked) from where the
     image was imported from if it is not there yet."""
     if cache.has(digest):
         return cache.path(digest)
     # the stored descriptor: an archive import notes the blob's member name there
-    desc = next((d for d in rec["manifest"].get("layers", []) if d.get("digest") == digest),
+    desc = next((d for d in rec.manifest.get("layers", []) if d.get("digest") == digest),
                 {"digest": digest})
     with _base_blob(rec, desc) as src, cache.incoming(digest) as f:
         if src is None:
-            raise ImageError(f"layer blob {digest} of {rec['name']} is not kept in the store "
-                             f"and not at {rec.get('source')} any more; pull or import the "
+            raise ImageError(f"layer blob {digest} of {rec.name} is not kept in the store "
+                             f"and not at {rec.source} any more; pull or import the "
                              "image again to push it")
         f.seek(0)
         f.truncate()
@@ -1012,7 +1028,7 @@ def _stage_blob(rec: dict, digest: str, cache: BlobCache) -> str:
             f.write(chunk)
         if "sha256:" + sha.hexdigest() != digest:
             cache.discard(digest)
-            raise mismatch(f"layer blob {digest} at {rec.get('source')}", digest,
+            raise mismatch(f"layer blob {digest} at {rec.source}", digest,
                            "sha256:" + sha.hexdigest())
         cache.finish(f, digest)
     return cache.path(digest)
@@ -1025,18 +1041,17 @@ def push(store: Store, image: str, spec: str, opts: RegistryOptions,
     cache = BlobCache(store)
     data = _push_manifest(rec, cache)
     manifest = json.loads(data)
-    cdesc, ldescs = _image_blobs(manifest, rec["name"])
-    config = rec["config"].encode()
+    cdesc, ldescs = _image_blobs(manifest, rec.name)
+    config = rec.config.encode()
     if sha256_digest(config) != cdesc.digest:
-        raise mismatch(f"{rec['name']} config", cdesc.digest, sha256_digest(config))
+        raise mismatch(f"{rec.name} config", cdesc.digest, sha256_digest(config))
     paths = {cdesc.digest: cache.path(cache.put(config))}
     for d in ldescs:
         paths.setdefault(d.digest, _stage_blob(rec, d.digest, cache))
     mount_from = None
-    if rec.get("kind") == "registry":
-        src = parse_reference(rec["source"])
-        if src.registry == ref.registry and src.repository != ref.repository:
-            mount_from = src.repository
+    src = pulled_from(rec)
+    if src is not None and src.registry == ref.registry and src.repository != ref.repository:
+        mount_from = src.repository
     creds = find_credentials(ref.registry, ref.repository,
                              [opts.auth_file] if opts.auth_file else None)
     summary = PushSummary(str(ref), sha256_digest(data))
