@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from cowfs.image.errors import ImageError
 from cowfs.image.oci import MT_DOCKER_LIST, MT_OCI_INDEX, MT_OCI_MANIFEST, open_source
-from cowfs.image.registry import (BlobCache, Platform, RegistryOptions, parse_platform,
+from cowfs.image.registry import (Arrival, BlobCache, Platform, RegistryOptions, parse_platform,
                                   parse_reference, pull, push, select_manifest)
 from cowfs.image.registry_auth import auth_files, find_credentials, parse_www_authenticate
 from cowfs.image.store import Store
@@ -459,6 +460,21 @@ def test_tampered_blob(fake: FakeRegistry, tmp_path: Path) -> None:
     assert _store_state(store)[:2] == before[:2]
     assert d[7:] not in _store_state(store)[2]
     assert d[7:] not in os.listdir(BlobCache(store).incoming_dir)
+
+
+def test_follower_of_a_discarded_download_gets_its_error(tmp_path: Path) -> None:
+    """A download that failed and discarded its file before the unpacker's first
+    read: the reader waits for the download's error instead of failing to open
+    a file that is gone."""
+    arrival = Arrival(str(tmp_path / "cache" / "blob"))
+    arrival.started(str(tmp_path / "incoming" / "blob"), 10)  # neither file exists
+    told = threading.Timer(0.2, arrival.finished, [ImageError("layer blob x: sha256 mismatch")])
+    told.start()
+    try:
+        with pytest.raises(ImageError, match="sha256 mismatch"):
+            arrival.reader().read()
+    finally:
+        told.join()
 
 
 def test_tampered_manifest(fake: FakeRegistry, tmp_path: Path) -> None:

@@ -375,14 +375,22 @@ class _Follower(io.RawIOBase):
             if a.error is not None:
                 raise ImageError(a.error)
             if self.fd is None:
-                try:
-                    self.fd = os.open(a.path or a.final, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:  # renamed into the cache meanwhile
-                    self.fd = os.open(a.final, os.O_RDONLY | os.O_CLOEXEC)
+                self.fd = self._open()
         data = os.pread(self.fd, len(b), self.pos)
         b[:len(data)] = data
         self.pos += len(data)
         return len(data)
+
+    def _open(self) -> int:
+        """The download's file, or the cached blob it was renamed to; neither
+        means the download failed (and discarded its file) before the first
+        read: its error, once it is told.  Called with the arrival's lock."""
+        a = self.arrival
+        for path in (a.path or a.final, a.final):
+            with contextlib.suppress(FileNotFoundError):
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        a.cond.wait_for(lambda: a.done)
+        raise ImageError(a.error or f"{a.final}: the download's file went missing")
 
     def close(self) -> None:
         if self.fd is not None:
