@@ -25,7 +25,7 @@ from cowfs.image.registry_auth import auth_files, find_credentials, parse_www_au
 from cowfs.image.store import Store
 from cowfs.overlay.params import UsageError
 
-from .imageutil import sha, snapshot, write_layout
+from .imageutil import cowfs, sha, snapshot, write_layout
 from .registryutil import example_layers, example_layout
 
 D = "sha256:" + "ab" * 32
@@ -372,6 +372,37 @@ def test_pull_fetches_a_layer_stored_over_another_base(fake: FakeRegistry,
     assert "3 layers, 3 downloaded" in str(summary)
     rec = store.image("fake.test/ns/app:v1")
     assert rec.layers == [sha(t) for t in tars] and sha(tars[1]) not in rec.chain
+
+
+def test_commit_image_on_pulled_base(fake: FakeRegistry, tmp_path: Path) -> None:
+    """commit --image over a pulled image writes its layers from the blobs the
+    pull kept (linked, not copied), plus the new layer."""
+    st = tmp_path / "store"
+    store = Store(str(st))
+    _pull(store, fake)
+    rec = store.image("fake.test/ns/app:v1")
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "added").write_bytes(b"committed")
+    lowers = [a for d in store.lower_dirs(rec) for a in ("--lower", d)]
+    cowfs("commit", str(upper), *lowers, "--image", f"{tmp_path}/out:c", store=st)
+    pulled = json.loads(fake.manifests["ns/app:v1"][0])
+    src = open_source(f"{tmp_path}/out:c")
+    assert [d["digest"] for d in src.manifest["layers"][:3]] == \
+        [d["digest"] for d in pulled["layers"]]
+    assert [lr.diff_id for lr in src.layers[:3]] == rec.layers
+    for d in pulled["layers"]:
+        assert os.stat(BlobCache(store).path(d["digest"])).st_nlink == 2
+    again = Store(str(tmp_path / "again"))
+    again.import_image(src, "c", progress=False)
+    top = Path(again.lower_dirs(again.image("c"))[0])
+    assert (top / "etc" / "added").read_bytes() == b"committed"
+    # A kept blob gone (pruned by hand): the commit says which, and what to do.
+    os.unlink(BlobCache(store).path(pulled["layers"][0]["digest"]))
+    res = cowfs("commit", str(upper), *lowers, "--image", f"{tmp_path}/out2:c", store=st,
+                check=False)
+    assert res.returncode == 1
+    assert f"pull fake.test/ns/app@{sha(fake.manifests['ns/app:v1'][0])} again" in res.stderr
 
 
 def test_bearer_token(fake: FakeRegistry, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ import httpx
 from tqdm import tqdm
 
 from ..overlay.params import UsageError
-from .commit import _base_blob
+from .commit import base_blob
 from .errors import ImageError
 from .oci import (ARCHIVE_MEMBER, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
                   MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST, ImageSource, LayerRef,
@@ -184,7 +184,7 @@ class BlobCache:
     """Verified blobs under STORE/blobs, and downloads in progress."""
 
     def __init__(self, store: Store) -> None:
-        self.dir = os.path.join(store.root, "blobs", "sha256")
+        self.dir = store.blobs_dir
         self.incoming_dir = os.path.join(store.root, "blobs", "incoming")
 
     def ensure(self) -> None:
@@ -1023,7 +1023,7 @@ def _stage_blob(rec: ImageRecord, digest: str, cache: BlobCache) -> str:
     # the stored descriptor: an archive import notes the blob's member name there
     desc = next((d for d in rec.manifest.get("layers", []) if d.get("digest") == digest),
                 {"digest": digest})
-    with _base_blob(rec, desc) as src, cache.incoming(digest) as f:
+    with base_blob(rec, desc, cache.dir) as src, cache.incoming(digest) as f:
         if src is None:
             raise ImageError(f"layer blob {digest} of {rec.name} is not kept in the store "
                              f"and not at {rec.source} any more; pull or import the "
