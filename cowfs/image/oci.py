@@ -192,8 +192,8 @@ class VerifiedLayerStream:
 @dataclass
 class ImageSource:
     """An image ready to import: its verified manifest and config, its layers."""
-    kind: str                       # "oci" or "docker-archive"
-    path: str
+    kind: str                       # "oci", "docker-archive", "tarball" or "registry"
+    path: str                       # where from: a file or dir; a pull's REGISTRY/REPO@DIGEST
     name: str                       # suggested store name
     manifest: dict
     config: bytes
