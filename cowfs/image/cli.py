@@ -248,9 +248,9 @@ def cmd_commit(ns: argparse.Namespace) -> int:
             _warn("the layers below are not an imported image: "
                   "the new image holds only the committed layer")
         comment = ns.message or f"cowfs commit {datetime.date.today().isoformat()}"
-        layer, manifest = commit_to_layout(ns.image, upper, lowers, base, comment,
-                                           None if ns.compression == "none" else ns.compression,
-                                           ns.output)
+        layer, manifest = commit_to_layout(
+            ns.image, upper, lowers, base, store.blobs_dir, comment,
+            None if ns.compression == "none" else ns.compression, ns.output)
     print(f"digest: {layer.digest}")
     print(f"diff_id: {layer.diff_id}")
     if ns.image:

@@ -5,6 +5,8 @@
     STORE/images/NAME.json        an image: manifest, config, diff_ids, chain IDs
     STORE/containers/ID/          an image mount's upper and work dirs and record
     STORE/snapshots/ID/           a snapshot of cowfs.snapshot (record, fs/, work/)
+    STORE/blobs/sha256/HEX        blobs a pull keeps (cowfs.image.registry): its manifest,
+                                  config and layer blobs, for push and commit --image
     STORE/tmp/                    layers being unpacked; renamed into layers/ whole
     STORE/lock                    flock: import, mount, rm and prune take turns
 
@@ -130,6 +132,7 @@ class Store:
         self.containers_dir = os.path.join(self.root, "containers")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         self.tmp_dir = os.path.join(self.root, "tmp")
+        self.blobs_dir = os.path.join(self.root, "blobs", "sha256")
 
     def ensure(self) -> None:
         # Layers hold setuid binaries and device nodes: only the owner may reach them.
