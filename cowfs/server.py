@@ -90,6 +90,7 @@ class OverlayServer(Operations):
         self.root = self._view(ov.root)
         self._next_fh = 0
         ov.is_held = self._held
+        ov.copied_up = self._copied_up
 
     def attach(self, session: Session) -> None:
         self.session = session
@@ -99,6 +100,12 @@ class OverlayServer(Operations):
 
     def _held(self, node: Node) -> bool:
         return node in self.views or node in self.stale
+
+    def _copied_up(self, node: Node) -> None:
+        # The kernel caches st_ino and st_nlink with the other attributes.
+        v = self.views.get(node)
+        if v is not None and self.session is not None:
+            self.session.inval_inode(v, -1, 0)
 
     def _view(self, node: Node) -> View:
         v = self.views.get(node)
@@ -124,8 +131,6 @@ class OverlayServer(Operations):
         nlink = None
         if node.unlinked:
             nlink = 0     # (an orphan's real link is work/'s, not a name)
-        elif node.extra_links:
-            nlink = st.st_nlink + node.extra_links
         elif node.is_dir and inode.is_merged(self.ov, node):
             # A merged directory's link count is unknowable without reading every
             # layer; like overlayfs, report 1 ("not counted": find and fts cope).

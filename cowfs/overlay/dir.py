@@ -14,7 +14,7 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
-from .copy_up import copy_up, ensure_upper_dir, link_up, replace_with
+from .copy_up import copy_up, ensure_upper_dir, replace_with
 from .file import Handle, attach
 from .inode import upper_dir_fd, upper_ref
 from .inodes import Node
@@ -302,8 +302,6 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
                 _whiteout(ov, ufd, name)
     else:
         _whiteout(ov, ufd, name)
-        if node.layer == 0 and node.extra_links:
-            node.extra_links -= 1   # a lower-only name of a copied-up hard link
     _detach(node, parent, name)
 
 
@@ -451,13 +449,11 @@ def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
         _prepare_moved_dir(ov, src, new_parent, moves, old_parent is new_parent)
     else:
         copy_up(ov, src)
-        link_up(ov, src, old_parent, old_name)
     if exchange and dst is not None:
         if dst.is_dir:
             _prepare_moved_dir(ov, dst, old_parent, moves, old_parent is new_parent)
         else:
             copy_up(ov, dst)
-            link_up(ov, dst, new_parent, new_name)
     ensure_upper_dir(ov, old_parent)
     ensure_upper_dir(ov, new_parent)
     ofd = ov.table.dir_fd(old_parent, 0)

@@ -24,7 +24,7 @@ _NO_FDS: dict[int, int] = {}
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "fds", "index", "gen", "metacopy",
-                 "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links")
+                 "unlinked", "orphan", "no_caps", "attr", "listing", "links", "key")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
                  layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:
@@ -49,11 +49,11 @@ class Node:
         # Known to have no security.capability: the kernel asks before every write.
         self.no_caps = False
         self.listing: list[bytes] | None = None  # directories: merged names, cached
-        # Names of a copied-up lower hard link still only in the lower layer: they
-        # count in st_nlink, and are linked up when they are renamed.
-        self.extra_links = 0
         # Every upper name of a file that has several (parent, name): set by link().
         self.links: list[tuple[Node, bytes]] | None = None
+        # Its key in the inode table: the number, or (parent, name) for one name
+        # of a lower hard link until copy-up (namei.link_key).
+        self.key: int | tuple[int, bytes] = ino
 
     @property
     def is_dir(self) -> bool:
@@ -106,22 +106,27 @@ class InodeTable:
 
     def __init__(self, ov: Overlay, fd_budget: int) -> None:
         self.ov = ov
-        self.nodes: dict[int, Node] = {}
+        self.nodes: dict[int | tuple[int, bytes], Node] = {}
         self._fd_lru: OrderedDict[int, Node] = OrderedDict()
         self._fd_count = 0
         self._fd_budget = fd_budget
 
-    def get(self, ino: int) -> Node:
-        return self.nodes[ino]
-
     def add(self, node: Node) -> None:
-        self.nodes[node.ino] = node
+        self.nodes[node.key] = node
+
+    def renumber(self, node: Node, ino: int) -> None:
+        """node is a file of its own now, under a new number (a lower hard link
+        broken by copy-up shows its upper inode, as in overlayfs)."""
+        if self.nodes.get(node.key) is node:
+            del self.nodes[node.key]
+        node.ino = node.key = ino
+        self.nodes[ino] = node
 
     def drop(self, node: Node) -> None:
         """Nobody holds node any more: forget it, and delete it if it is an orphan."""
-        if node.ino == ROOT_INO or self.nodes.get(node.ino) is not node:
+        if node.ino == ROOT_INO or self.nodes.get(node.key) is not node:
             return
-        del self.nodes[node.ino]
+        del self.nodes[node.key]
         self.close_fds(node)
         if node.orphan is not None:
             self.ov.numbers.forget(os.stat(node.orphan, dir_fd=self.ov.work_fd,

@@ -120,20 +120,10 @@ def lower_entry(ov: Overlay, parent: Node, name: bytes) -> LowerEntry | None:
     return lower_index(ov, parent).get(name)
 
 
-def _existing(ov: Overlay, ino: int, parent: Node, name: bytes,
-              layer: int | None = None) -> Node | None:
-    node = ov.table.nodes.get(ino)
-    if layer is not None and node is not None and node.layer != 0 and not node.is_dir:
-        # Another name of a lower hard link: remember the latest one seen.
-        node.parent, node.name = parent, name
-        node.layer = node.lower_layer = layer
-    return node
-
-
 def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
                 ufd: int) -> Node:
     ino = ov.numbers.number(st)
-    node = _existing(ov, ino, parent, name)
+    node = ov.table.nodes.get(ino)
     if node is not None:
         if not node.unlinked:
             return node
@@ -182,32 +172,48 @@ def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node
     k = ent[0]
     if len(ent) > 4:
         # Lower entries never change: a known one needs no syscall while its node lives.
-        node = _existing(ov, ent[4], parent, name, k)
+        node = ov.table.nodes.get(ent[4])
         if node is not None:
             return node
     st = lstat_at(ov.table.dir_fd(parent, k), name)
     ino = ov.numbers.number(st)
+    # (with no upper layer nothing breaks a link: one node, as in overlayfs)
+    key = link_key(parent, name) if not ent[1] and st.st_nlink > 1 \
+        and ov.upper is not None else ino
     if len(ent) == 4:
-        ent.append(ino)
-    node = _existing(ov, ino, parent, name, k)
+        ent.append(key)
+    node = ov.table.nodes.get(key)
     if node is not None:
         return node
     if ent[1]:
         node = Node(ino, parent, name, st.st_mode, k, None, tuple(ent[2]))
     else:
         node = Node(ino, parent, name, st.st_mode, k, k)
+        node.key = key
     ov.table.add(node)
     return node
 
 
+def link_key(parent: Node, name: bytes) -> tuple[int, bytes]:
+    """The table key of one name of a lower hard link.  As overlayfs without
+    index, every name is its own file: they show the lower inode (number and
+    link count) until copy-up breaks the link, so a write lands only under
+    the name written, and nothing depends on which name was looked up last."""
+    return (parent.ino, name)
+
 
 def lower_path(node: Node) -> tuple[bytes, ...]:
     """Where node's lower directories live below each lower layer root."""
-    if node.redirect is not None:
-        return node.redirect
-    if node.parent is None:
-        return ()
-    return lower_path(node.parent) + (node.name,)
+    names: list[bytes] = []
+    n: Node | None = node
+    while n is not None:   # (a loop: trees may be deep)
+        if n.redirect is not None:
+            return n.redirect + tuple(reversed(names))
+        if n.parent is None:
+            break
+        names.append(n.name)
+        n = n.parent
+    return tuple(reversed(names))
 
 
 def redirect_components(parent: Node, value: bytes) -> tuple[bytes, ...]:

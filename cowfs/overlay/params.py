@@ -21,7 +21,7 @@ KERNEL_FLAGS = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "no
 ACCEPTED = KERNEL_FLAGS | {"rw", "ro", "volatile", "auto", "noauto", "user", "nouser",
                            "users", "nofail", "_netdev", "defaults", "async", "sync",
                            "userxattr", "xino=off", "xino=auto", "xino=on",
-                           "index=off", "index=on", "squash_to_root", "squash_to_uid", "squash_to_gid", "debug"}
+                           "squash_to_root", "squash_to_uid", "squash_to_gid", "debug"}
 VALUED_IGNORED = ("context", "fscontext", "defcontext", "rootcontext", "uidmapping",
                   "gidmapping", "timeout", "threaded", "fsync", "plugins",
                   "fast_ino", "x-")
@@ -41,6 +41,7 @@ class MountConfig:
     redirect_dir: bool = True   # renaming a lower directory records a redirect
     passthrough: bool = True    # the kernel reads and writes real files itself (root)
     acl: bool = True            # POSIX ACLs enforced by the kernel, kept on copy-up
+    index: bool = False         # index=on: lower hard links kept linked (not supported yet)
     fsname: str = "cowfs"       # the source /proc/mounts shows
     log_file: str | None = None
 
@@ -82,6 +83,8 @@ def parse_mount_options(opts: list[str], mountpoint: str) -> MountConfig:
             cfg.metacopy = value == "on"
         elif item in ("redirect_dir=on", "redirect_dir=off", "redirect_dir=follow"):
             cfg.redirect_dir = value == "on"
+        elif item in ("index=on", "index=off"):
+            cfg.index = value == "on"
         elif item in ("passthrough=on", "passthrough=off"):
             cfg.passthrough = value == "on"
         elif key in ("acl", "noacl"):

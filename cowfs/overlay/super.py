@@ -28,6 +28,11 @@ T = TypeVar("T")
 class Overlay:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
+        if cfg.index:
+            # Lower hard links are broken at copy-up (overlayfs' default, index=off);
+            # keeping them linked needs the kernel's index directory, not written yet.
+            raise OSError(errno.EOPNOTSUPP, "index=on is not supported (cowfs breaks "
+                          "lower hard links at copy-up, as overlayfs with index=off)")
         # Modes arrive with the caller's umask applied by the kernel; the daemon's
         # own umask must not strip them a second time.
         os.umask(0)
@@ -64,6 +69,10 @@ class Overlay:
         # Does whoever serves the overlay still hold node (the kernel's lookup
         # count)?  A deleted file it holds lives on as an orphan in work/.
         self.is_held: Callable[[Node], bool] = lambda node: False
+        # Told after a copy-up: what stat shows may change with it (a merged
+        # directory's nlink, a broken lower hard link's st_ino and nlink), so
+        # whoever serves the overlay drops the attributes it handed out.
+        self.copied_up: Callable[[Node], None] = lambda node: None
 
     def _open_work(self) -> int:
         """workdir/work, emptied: leftovers of an interrupted copy-up never show."""
