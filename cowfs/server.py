@@ -105,7 +105,7 @@ class OverlayServer(Operations):
         # The kernel caches st_ino and st_nlink with the other attributes.
         v = self.views.get(node)
         if v is not None and self.session is not None:
-            self.session.inval_inode(v, -1, 0)
+            self.session.inval_attr_now(v)
 
     def _view(self, node: Node) -> View:
         v = self.views.get(node)

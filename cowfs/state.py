@@ -29,6 +29,7 @@ def record_mount(cfg: MountConfig) -> None:
     os.makedirs(STATE_DIR, exist_ok=True)
     data = {"mountpoint": cfg.mountpoint, "lowerdirs": cfg.lowerdirs,
             "upperdir": cfg.upperdir, "workdir": cfg.workdir, "pid": os.getpid(),
+            "started": _start_time(os.getpid()),
             "log": cfg.log_file or log_path(cfg.mountpoint)}
     tmp = _state_file(cfg.mountpoint) + ".tmp"
     with open(tmp, "w") as f:
@@ -44,9 +45,44 @@ def forget_mount(mountpoint: str) -> None:
 
 
 def find_mount(mountpoint: str) -> dict | None:
-    """The layers of the cowfs mount at mountpoint, or None if none is recorded."""
+    """The layers of the live cowfs mount at mountpoint, or None if none is recorded."""
+    return _read_live(_state_file(mountpoint))
+
+
+def live_mounts() -> list[dict]:
+    """The records of every mount whose daemon still runs."""
     try:
-        with open(_state_file(mountpoint)) as f:
-            return json.load(f)
+        names = os.listdir(STATE_DIR)
     except FileNotFoundError:
+        return []
+    recs = (_read_live(os.path.join(STATE_DIR, n)) for n in names if n.endswith(".json"))
+    return [r for r in recs if r is not None]
+
+
+def _read_live(path: str) -> dict | None:
+    """A record, or None when there is none or its daemon is gone (killed with
+    SIGKILL, it could not remove it): such a record is removed."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
+    if _start_time(rec.get("pid", 0)) != rec.get("started", -1):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return None
+    return rec
+
+
+def _start_time(pid: int) -> int | None:
+    """When process pid started (clock ticks since boot; tells a reused pid apart),
+    None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so count from its ')'.
+    return int(stat[stat.rindex(b")") + 2:].split()[19])

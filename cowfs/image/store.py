@@ -380,9 +380,4 @@ class Store:
 
 def live_mount_records() -> list[dict]:
     from .. import state
-    try:
-        names = os.listdir(state.STATE_DIR)
-    except FileNotFoundError:
-        return []
-    recs = (_read_json(os.path.join(state.STATE_DIR, n)) for n in names if n.endswith(".json"))
-    return [r for r in recs if r is not None]
+    return state.live_mounts()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,19 @@ if TYPE_CHECKING:
 
 FICLONE = 0x40049409
 CHUNK = 1 << 30
+# For tests only: with COWFS_TEST_PAUSE=PATH, every file copy-up whose data is
+# copied but not yet installed creates PATH.N (N counts copy-ups) and waits
+# while it exists, so a test can kill the daemon or race it at that point.
+_PAUSE = os.environ.get("COWFS_TEST_PAUSE")
+_pauses = itertools.count()
+
+
+def _test_pause(path: str) -> None:
+    marker = f"{path}.{next(_pauses)}"
+    with open(marker, "w"):
+        pass
+    while os.path.exists(marker):
+        time.sleep(0.01)
 
 
 def copy_data(src: int, dst: int, size: int) -> None:
@@ -233,13 +248,14 @@ def _copy_up_special(ov: Overlay, node: Node) -> None:
 
 
 def _new_tmp_file(ov: Overlay, tmp: bytes) -> int:
-    return open_file_at(ov.work_fd, tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    return ov.table.opening(open_file_at, ov.work_fd, tmp,
+                            os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
 
 
 def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     assert node.parent is not None
     src_dir = ov.table.dir_fd(node.parent, node.layer)
-    src = open_file_at(src_dir, node.name, os.O_RDONLY)
+    src = ov.table.opening(open_file_at, src_dir, node.name, os.O_RDONLY)
     try:
         st = os.fstat(src)
         xattrs = _public_xattrs(src_dir, node.name)
@@ -248,6 +264,8 @@ def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
             try:
                 if not truncate:
                     ov.unlocked(copy_data, src, dst, st.st_size)
+                if _PAUSE:
+                    ov.unlocked(_test_pause, _PAUSE)
                 _copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
                 if not ov.volatile:
                     ov.unlocked(os.fsync, dst)

@@ -7,10 +7,12 @@ life of the mount, the same for hard links, and kept across copy-up.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .layers import open_dir_at, walk_dirs
 
@@ -18,6 +20,9 @@ if TYPE_CHECKING:
     from .super import Overlay
 
 ROOT_INO = 1
+# Directory fds kept when the fd limit is hit: more than one operation uses.
+KEEP_ON_EMFILE = 16
+T = TypeVar("T")
 _NO_FDS: dict[int, int] = {}
 
 
@@ -135,26 +140,51 @@ class InodeTable:
             node.orphan = None
 
     def dir_fd(self, node: Node, layer: int) -> int:
-        """The fd of node's directory in one layer, opened without following links."""
+        """The fd of node's directory in one layer, opened without following links.
+
+        Opened from the nearest ancestor whose fd is cached, in a loop (trees may
+        be deeper than Python's recursion limit)."""
         fd = node.fds.get(layer)
         if fd is not None:
-            if len(self._fd_lru) > 64:
-                self._fd_lru.move_to_end(node.ino)
+            self._fd_lru.move_to_end(node.ino)
             return fd
-        if node.parent is None:
-            fd = os.dup(self.ov.layers[layer].fd)
-        elif node.redirect is not None and layer != 0:
-            fd = walk_dirs(self.ov.layers[layer].fd, node.redirect)
-            if fd is None:
-                raise FileNotFoundError(f"redirected directory gone in layer {layer}")
-        else:
-            fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
+        chain: list[Node] = []
+        n = node
+        while n.fds.get(layer) is None and n.parent is not None \
+                and (n.redirect is None or layer == 0):
+            chain.append(n)
+            n = n.parent
+        if n.fds.get(layer) is None:
+            if n.parent is None:
+                self._cache(n, layer, self.opening(os.dup, self.ov.layers[layer].fd))
+            else:
+                found = self.opening(walk_dirs, self.ov.layers[layer].fd, n.redirect)
+                if found is None:
+                    raise FileNotFoundError(f"redirected directory gone in layer {layer}")
+                self._cache(n, layer, found)
+        for child in reversed(chain):
+            self._cache(child, layer, self.opening(open_dir_at, n.fds[layer], child.name))
+            n = child
+        if self._fd_count > self._fd_budget:
+            self._evict(self._fd_budget * 3 // 4)
+        return node.fds[layer]
+
+    def _cache(self, node: Node, layer: int, fd: int) -> None:
         node.fds[layer] = fd
         self._fd_count += 1
         self._fd_lru[node.ino] = node
-        if self._fd_count > self._fd_budget:
-            self._evict()
-        return fd
+        self._fd_lru.move_to_end(node.ino)
+
+    def opening(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) that opens an fd; on EMFILE (open files of callers filling the
+        limit), close all but the most recently used directory fds and retry once."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                raise
+        self._evict(KEEP_ON_EMFILE)
+        return fn(*args)
 
     def drop_fd(self, node: Node, layer: int) -> None:
         os.close(node.fds.pop(layer))
@@ -168,8 +198,10 @@ class InodeTable:
             node.fds = {}
         self._fd_lru.pop(node.ino, None)
 
-    def _evict(self) -> None:
-        while self._fd_count > self._fd_budget * 3 // 4 and self._fd_lru:
+    def _evict(self, keep: int) -> None:
+        """Close the least recently used directory fds until at most keep are
+        cached (the ones an operation in progress uses are the most recent)."""
+        while self._fd_count > keep and self._fd_lru:
             _, node = self._fd_lru.popitem(last=False)
             if node.ino == ROOT_INO:
                 continue

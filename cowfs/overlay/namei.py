@@ -50,7 +50,7 @@ def _build_index(ov: Overlay, node: Node) -> dict[bytes, LowerEntry | None]:
         fd = ov.table.dir_fd(node, k)
         opaque, xwhiteouts = dir_opacity(fd)
         whiteouts: list[bytes] = []
-        for name, is_dir, e in _scan_layer(fd):
+        for name, is_dir, e in ov.table.opening(_scan_layer, fd):
             if name.startswith(WH_PREFIX):
                 if name == OPAQUE_MARKER:
                     opaque = True
