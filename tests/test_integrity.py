@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -22,27 +20,16 @@ from pathlib import Path
 import pytest
 
 from cowfs.overlay import Overlay, file
-from cowfs.overlay.namei import lookup
 from cowfs.overlay.params import parse_mount_options
 from tests.mountutil import COWFS, cowfs_mount, kernel_mount, mounted, overlay_opts, unmount
-from tests.overlaydiff import SCRATCH, cowfs_pid, stray_work_entries
+from tests.overlaydiff import cowfs_pid, stray_work_entries
+from tests.test_core import walk
+from tests.test_security import root as shared  # a dir other users can traverse
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
 MiB = 1 << 20
 USER = 1001
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A scratch dir other users can traverse (pytest's tmp_path is root's only)."""
-    SCRATCH.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="integrity-", dir=SCRATCH))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _dirs(base: Path, *names: str) -> list[Path]:
@@ -59,16 +46,8 @@ def _core(base: Path, lower: Path) -> Overlay:
         [f"lowerdir={lower},upperdir={up},workdir={work}"], str(mnt)))
 
 
-def _walk(ov: Overlay, path: str):
-    node = ov.root
-    for comp in path.split("/"):
-        node = lookup(ov, node, comp.encode())
-        assert node is not None, path
-    return node
-
-
 def _read(ov: Overlay, path: str) -> bytes:
-    h = file.open_file(ov, _walk(ov, path), os.O_RDONLY)
+    h = file.open_file(ov, walk(ov, path), os.O_RDONLY)
     try:
         return os.pread(h.fd, 100, 0)
     finally:
@@ -86,8 +65,8 @@ def test_lower_hardlink_names_after_the_kernel_forgets(tmp_path: Path) -> None:
     ov = _core(tmp_path, lower)
     try:
         with ov.lock:
-            _walk(ov, "d/b")
-            h = file.open_file(ov, _walk(ov, "d/a"), os.O_WRONLY | os.O_APPEND)
+            walk(ov, "d/b")
+            h = file.open_file(ov, walk(ov, "d/a"), os.O_WRONLY | os.O_APPEND)
             os.pwrite(h.fd, b"new\n", 4)
             file.release(h)
             for node in [n for n in ov.table.nodes.values() if n is not ov.root]:
