@@ -40,7 +40,7 @@ def _dirs(base: Path, *names: str) -> list[Path]:
     return out
 
 
-def _core(base: Path, lower: Path) -> Overlay:
+def _core(base: Path, lower: Path | str) -> Overlay:
     up, work, mnt = _dirs(base, "u", "w", "m")
     return Overlay(parse_mount_options(
         [f"lowerdir={lower},upperdir={up},workdir={work}"], str(mnt)))
@@ -331,3 +331,55 @@ def test_sigkilled_daemon_leaves_no_record(tmp_path: Path) -> None:
         assert "Transport endpoint is not connected" in res.stderr, res.stderr
         assert "not a directory" not in res.stderr
         assert find_mount(str(mnt)) is None     # the stale record is gone
+
+
+# ------------------------------------------------ merged, without reading
+@pytest.mark.parametrize("form", ["xattr", "oci", "none"])
+def test_is_merged_does_not_read_the_directory(tmp_path: Path, form: str) -> None:
+    # READDIRPLUS asks it of every child directory: answering by building the
+    # child's lower index read every grandchild (20 names read 30,060 entries).
+    from cowfs.overlay.inode import is_merged
+    top, bottom = tmp_path / "top", tmp_path / "bottom"
+    (top / "d").mkdir(parents=True)
+    (bottom / "d" / "x").mkdir(parents=True)
+    if form == "xattr":
+        os.setxattr(top / "d", "trusted.overlay.opaque", b"y")
+    elif form == "oci":
+        (top / "d" / ".wh..wh..opq").touch()
+    ov = _core(tmp_path, f"{top}:{bottom}")
+    try:
+        with ov.lock:
+            d = walk(ov, "d")
+            assert is_merged(ov, d) is (form == "none")
+            assert d.index is None
+    finally:
+        ov.close()
+
+
+# ------------------------------------------------------ failure-atomic rename
+@pytest.mark.parametrize("side", ["kernel", "cowfs"])
+def test_failed_rename_changes_nothing(tmp_path: Path, side: str) -> None:
+    # The last step fails (the source's directory is immutable) after cowfs has
+    # prepared the replaced file's orphan: the replaced file must still be there.
+    # (Was: it was moved to work/ first, then the rename failed.)
+    lower, up, work = _dirs(tmp_path, "l", "u", "w")
+    for d, name in (("d1", "src"), ("d2", "dst")):
+        (lower / d).mkdir()
+        (lower / d / name).write_bytes(name.encode())
+    mount = kernel_mount if side == "kernel" else cowfs_mount
+    with mount([lower], up, work, tmp_path / "mnt") as mnt:
+        for p in ("d1/src", "d2/dst"):
+            with open(mnt / p, "ab") as f:
+                f.write(b"+")
+        fd = os.open(mnt / "d2" / "dst", os.O_RDONLY)     # held: an orphan if replaced
+        subprocess.run(["chattr", "+i", str(up / "d1")], check=True)
+        try:
+            with pytest.raises(PermissionError):
+                os.rename(mnt / "d1" / "src", mnt / "d2" / "dst")
+        finally:
+            subprocess.run(["chattr", "-i", str(up / "d1")], check=True)
+            os.close(fd)
+        assert (mnt / "d2" / "dst").read_bytes() == b"dst+"
+        assert (mnt / "d1" / "src").read_bytes() == b"src+"
+        if side == "cowfs":
+            assert stray_work_entries(work, orphans=True) == []

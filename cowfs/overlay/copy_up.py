@@ -86,7 +86,7 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         off += n
 
 
-def _copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
+def copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
                fd: int | None, dir_fd: int, name: bytes) -> None:
     """Owner, mode, xattrs and times of st onto the new entry (by fd or by name)."""
     if fd is not None:
@@ -143,7 +143,7 @@ def _discard(ov: Overlay, tmp: bytes) -> None:
         os.unlink(tmp, dir_fd=ov.work_fd)
 
 
-def _public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
+def public_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
     # Overlay-private xattrs belong to their layer (an opaque mark of a lower dir
     # must not make the upper copy hide that very lower dir).
     return {k: v for k, v in entry_xattrs(dir_fd, name).items() if not is_private_xattr(k)}
@@ -194,10 +194,10 @@ def _copy_up_dir(ov: Overlay, node: Node) -> None:
     assert node.parent is not None
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
-    xattrs = _public_xattrs(src_fd, node.name)
+    xattrs = public_xattrs(src_fd, node.name)
     with _building(ov) as tmp:
         os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
-        _copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
+        copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
         _install(ov, node, tmp)
     # Moving a directory rewrites its "..": its times are set once it is in place.
     os.utime(node.name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=ov.table.dir_fd(node.parent, 0),
@@ -242,7 +242,7 @@ def _copy_up_special(ov: Overlay, node: Node) -> None:
             os.symlink(os.readlink(node.name, dir_fd=src_fd), tmp, dir_fd=ov.work_fd)
         else:
             os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ov.work_fd)
-        _copy_meta(ov, st, _public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
+        copy_meta(ov, st, public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
         _install(ov, node, tmp)
     node.lower_layer = None
 
@@ -258,7 +258,7 @@ def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     src = ov.table.opening(open_file_at, src_dir, node.name, os.O_RDONLY)
     try:
         st = os.fstat(src)
-        xattrs = _public_xattrs(src_dir, node.name)
+        xattrs = public_xattrs(src_dir, node.name)
         with _building(ov) as tmp:
             dst = _new_tmp_file(ov, tmp)
             try:
@@ -266,7 +266,7 @@ def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
                     ov.unlocked(copy_data, src, dst, st.st_size)
                 if _PAUSE:
                     ov.unlocked(_test_pause, _PAUSE)
-                _copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
+                copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
                 if not ov.volatile:
                     ov.unlocked(os.fsync, dst)
             finally:
@@ -287,7 +287,7 @@ def _copy_up_meta(ov: Overlay, node: Node) -> None:
         try:
             os.ftruncate(dst, st.st_size)
             os.setxattr(dst, private_xattr_name(ov.euid, "metacopy"), b"")
-            _copy_meta(ov, st, _public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
+            copy_meta(ov, st, public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
         finally:
             os.close(dst)
         _install(ov, node, tmp)

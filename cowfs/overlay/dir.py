@@ -14,7 +14,7 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
-from .copy_up import copy_up, ensure_upper_dir, replace_with
+from .copy_up import copy_meta, copy_up, ensure_upper_dir, public_xattrs, replace_with
 from .file import Handle, attach
 from .inode import upper_dir_fd, upper_ref
 from .inodes import Node
@@ -464,20 +464,51 @@ def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
         _moved(dst, new_parent, new_name, old_parent, old_name)
     else:
         dst_st = _upper_entry(nfd, new_name)
+        # Failure-atomic, as overlayfs: prepare only what nothing shows (the
+        # replaced file's orphan name, an emptied replaced directory), then one
+        # rename makes the change.
+        orphan = None
         if dst is not None and _keep_as_orphan(ov, dst, dst_st):
-            _orphan(ov, dst, nfd, new_name, dst_lower)
+            orphan = b"#orphan-%d" % dst.ino
+            os.link(new_name, orphan, src_dir_fd=nfd, dst_dir_fd=ov.work_fd,
+                    follow_symlinks=False)
+        try:
+            if dst is not None and dst.is_dir and dst.layer == 0:
+                _empty_upper_dir(ov, dst, nfd, new_name)
+            _move(ov, ofd, old_name, nfd, new_name, src_lower)
+        except BaseException:
+            if orphan is not None:
+                os.unlink(orphan, dir_fd=ov.work_fd)
+            raise
+        if orphan is not None:
+            dst.orphan = orphan   # type: ignore[union-attr]
         else:
             _forget_upper(ov, dst_st)
-        if dst is not None and dst.is_dir and dst.layer == 0:
-            # The replaced directory is empty in the merged view but may hold whiteouts.
-            tmp = ov.tmp_name()
-            os.rename(new_name, tmp, src_dir_fd=nfd, dst_dir_fd=ov.work_fd)
-            _clear_upper_dir(ov, tmp)
-        _move(ov, ofd, old_name, nfd, new_name, src_lower)
         if dst is not None:
             _detach(dst, new_parent, new_name)
             ov.table.close_fds(dst)
     _moved(src, old_parent, old_name, new_parent, new_name)
+
+
+def _empty_upper_dir(ov: Overlay, node: Node, dfd: int, name: bytes) -> None:
+    """Swap an upper directory that is empty in the merged view but holds
+    whiteouts for a really empty one (same owner, mode, times; opaque where
+    lower layers are below), which a rename can replace in one step."""
+    with os.scandir(ov.table.dir_fd(node, 0)) as it:
+        if next(it, None) is None:
+            return
+    st = lstat_at(dfd, name)
+    tmp = ov.tmp_name()
+    os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
+    try:
+        if any(k != 0 for k in node.layers):
+            os.setxattr(xattr_path(ov.work_fd, tmp), private_xattr_name(ov.euid, "opaque"),
+                        b"y", follow_symlinks=False)
+        copy_meta(ov, st, public_xattrs(dfd, name), None, ov.work_fd, tmp)
+        renameat2(ov.work_fd, tmp, dfd, name, RENAME_EXCHANGE)
+    finally:
+        _clear_upper_dir(ov, tmp)
+    ov.table.close_fds(node)
 
 
 def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
@@ -494,6 +525,16 @@ def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
     if ov.wh_fallback and lstat_or_none(nfd, WH_PREFIX + new) is not None:
         os.unlink(WH_PREFIX + new, dir_fd=nfd)
     if leave_whiteout and _rename_whiteout(ov, ofd, old, nfd, new):
+        return
+    if leave_whiteout and ov.wh_fallback:
+        # .wh.NAME beside NAME hides nothing until NAME goes: made first, the
+        # rename is still the one step that changes the merged view.
+        os.close(open_file_at(ofd, WH_PREFIX + old, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        try:
+            os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
+        except BaseException:
+            os.unlink(WH_PREFIX + old, dir_fd=ofd)
+            raise
         return
     os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
     if leave_whiteout:

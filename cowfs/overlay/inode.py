@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from .copy_up import copy_up
 from .inodes import Node
-from .layers import lstat_at, open_file_at
-from .namei import lower_index
+from .format import OPAQUE_MARKER, overlay_xattr
+from .layers import lstat_at, lstat_or_none, open_file_at, xattr_path
 
 if TYPE_CHECKING:
     from .super import Overlay
@@ -29,11 +29,24 @@ def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
 
 
 def is_merged(ov: Overlay, node: Node) -> bool:
-    """A directory that more than one layer contributes to (opaque ones cut the
-    list, which is known once its lower index is built)."""
-    if len(node.layers) > 1 and node.index is None:
-        lower_index(ov, node)
-    return len(node.layers) > 1
+    """A directory that more than one layer contributes to.  Decided as overlayfs
+    does at lookup, without reading the directory: its layers are the ones it is
+    a directory in, so only an opaque top layer keeps it from being merged (the
+    upper one is checked when the node is made)."""
+    if len(node.layers) <= 1 or node.index is not None:
+        return len(node.layers) > 1     # (building the index drops opaqued layers)
+    top = node.layers[0]
+    return top == 0 or not _opaque_in(ov, node, top)
+
+
+def _opaque_in(ov: Overlay, node: Node, layer: int) -> bool:
+    """Is node's directory in this lower layer opaque (xattr, or OCI's marker)?"""
+    if node.parent is None:
+        dfd, name = ov.layers[layer].fd, b"."  # type: ignore[union-attr]
+    else:
+        dfd, name = ov.table.dir_fd(node.parent, layer), node.name
+    return overlay_xattr(xattr_path(dfd, name), "opaque") == b"y" \
+        or lstat_or_none(dfd, name + b"/" + OPAQUE_MARKER) is not None
 
 
 def getattr_(ov: Overlay, node: Node) -> os.stat_result:
