@@ -84,6 +84,7 @@ class OverlayServer(Operations):
         # Test hook: names starting with $COWFS_FAULT make lookup ("...lookup")
         # or forget ("...forget") raise, to show the daemon survives a bug.
         self._fault = os.fsencode(os.environ.get("COWFS_FAULT", "")) or None
+        ov.copied_up = self._copied_up
 
     def attach(self, session: Session) -> None:
         self.session = session
@@ -96,6 +97,12 @@ class OverlayServer(Operations):
 
     def _held(self, node: Node) -> bool:
         return node in self.views or node in self.stale
+
+    def _copied_up(self, node: Node) -> None:
+        # The kernel caches st_ino and st_nlink with the other attributes.
+        v = self.views.get(node)
+        if v is not None and self.session is not None:
+            self.session.inval_attr_now(v)
 
     def _view(self, node: Node) -> View:
         v = self.views.get(node)

@@ -346,6 +346,22 @@ class Session:
         if nodeid is not None:
             self._notify(abi.Notify.INVAL_INODE, abi.NOTIFY_INVAL_INODE.pack(nodeid, off, length))
 
+    def inval_attr_now(self, obj: Any) -> None:
+        """Drop the kernel's cached attributes of obj before this call returns
+        (before the reply of the request making them stale).  Unlike other
+        notifications this one is safe to send from a request: for attributes
+        only (offset -1) the kernel takes no lock a request may hold."""
+        nodeid = self._ids.get(obj)
+        if nodeid is None:
+            return
+        body = abi.NOTIFY_INVAL_INODE.pack(nodeid, -1, 0)
+        try:
+            os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(body),
+                                                  abi.Notify.INVAL_INODE, 0) + body)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
     def inval_entry(self, parent: Any, name: bytes) -> None:
         """Drop the kernel's cached dentry parent/name (a negative one too)."""
         nodeid = self._ids.get(parent)

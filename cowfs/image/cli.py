@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import os
 import subprocess
 import sys
@@ -195,6 +196,11 @@ def _mountinfo_overlay(mnt: str) -> tuple[str, list[str]] | None:
 def resolve_layers(target: str, lowers: list[str] | None, store: Store) -> tuple[str, list[str]]:
     """(upper, lowers top first) for `cowfs diff/commit TARGET`: a cowfs or kernel
     overlay mount point, or an upper dir with --lower or with a known mount."""
+    try:
+        os.statvfs(target)   # (stat may answer from the kernel's cache; statfs asks)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UsageError(f"{target}: {e.strerror} (its daemon is gone; umount it)") from None
     if not os.path.isdir(target):
         raise UsageError(f"'{target}' is not a directory")
     mounted = is_mounted(target)

@@ -38,8 +38,8 @@ def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False,
             | (os.O_APPEND if append else 0)
         # (a deleted file is reached as its orphan, never by a name that may
         # already stand for a whiteout or another file)
-        return open_file_at(*upper_ref(ov, node), flags)
-    return open_lower_data(ov, node)
+        return ov.table.opening(open_file_at, *upper_ref(ov, node), flags)
+    return ov.table.opening(open_lower_data, ov, node)
 
 
 def open_file(ov: Overlay, node: Node, flags: int) -> Handle:

@@ -11,7 +11,6 @@ from .copy_up import copy_up
 from .inodes import Node
 from .layers import (FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR,
                      FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, inode_flags, lstat_at, open_file_at, statx_at)
-from .namei import lower_index
 
 if TYPE_CHECKING:
     from .super import Overlay
@@ -30,10 +29,9 @@ def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
 
 
 def is_merged(ov: Overlay, node: Node) -> bool:
-    """A directory that more than one layer contributes to (opaque ones cut the
-    list, which is known once its lower index is built)."""
-    if len(node.layers) > 1 and node.index is None:
-        lower_index(ov, node)
+    """A directory that more than one layer contributes to.  Known without
+    reading the directory, as overlayfs knows it at lookup: its layers were
+    settled when its node was made (namei), an opaque layer ending them."""
     return len(node.layers) > 1
 
 
@@ -51,8 +49,6 @@ def shown_nlink(ov: Overlay, node: Node, real: int) -> int:
     """The link count programs see, from the real entry's."""
     if node.unlinked:
         return 0     # (an orphan's real link is work/'s, not a name)
-    if node.extra_links:
-        return real + node.extra_links
     if node.is_dir and is_merged(ov, node):
         # A merged directory's link count is unknowable without reading every
         # layer; like overlayfs, report 1 ("not counted": find and fts cope).
