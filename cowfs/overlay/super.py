@@ -91,9 +91,9 @@ class Overlay:
         # count)?  A deleted file it holds lives on as an orphan in work/.
         self.is_held: Callable[[Node], bool] = lambda node: False
         # Told after a copy-up: what stat shows may change with it (a merged
-        # directory's nlink, a broken lower hard link's st_ino and nlink), so
-        # whoever serves the overlay drops the attributes it handed out.
-        self.copied_up: Callable[[Node], None] = lambda node: None
+        # directory's nlink; renumbered: a broken lower hard link's st_ino and
+        # nlink), so whoever serves the overlay drops what it handed out.
+        self.copied_up: Callable[[Node, bool], None] = lambda node, renumbered: None
 
     def _claim_dirs(self) -> int:
         """Hold upperdir and workdir for the life of the overlay (flock: gone with
