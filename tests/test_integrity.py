@@ -218,6 +218,33 @@ def _as_user(mnt: Path) -> list[str]:
     return res.stdout.splitlines()
 
 
+def _default_acl_dir(lower: Path) -> None:
+    (lower / "shared").mkdir()
+    os.setxattr(lower / "shared", "system.posix_acl_default", _acl(7, 7, 5, 5))
+
+
+def _create_with_umask(path: Path) -> tuple:
+    old = os.umask(0o022)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(str(path) + ".d", 0o777)
+    finally:
+        os.umask(old)
+    return tuple((oct(os.lstat(p).st_mode), os.getxattr(p, ACL))
+                 for p in (path, Path(str(path) + ".d")))
+
+
+def test_default_acl_applies_to_new_files(shared: Path) -> None:
+    # A parent's default ACL replaces the umask (the kernel leaves that to us).
+    seen = {}
+    for side, mount in (("kernel", kernel_mount), ("cowfs", cowfs_mount)):
+        lower, up, work = _dirs(shared / side, "l", "u", "w")
+        _default_acl_dir(lower)
+        with mount([lower], up, work, shared / side / "mnt") as mnt:
+            seen[side] = _create_with_umask(mnt / "shared" / "new")
+    assert seen["cowfs"] == seen["kernel"]
+
+
 def test_posix_acls_enforced_and_kept_on_copy_up(shared: Path) -> None:
     seen = {}
     for side, mount in (("kernel", kernel_mount), ("cowfs", cowfs_mount)):
