@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -234,28 +234,30 @@ def _create_with_umask(path: Path) -> tuple:
                  for p in (path, Path(str(path) + ".d")))
 
 
-def test_default_acl_applies_to_new_files(shared: Path) -> None:
-    # A parent's default ACL replaces the umask (the kernel leaves that to us).
+def _on_both(base: Path, make_layer: Callable[[Path], None],
+             run: Callable[[Path, Path], tuple]) -> dict[str, tuple]:
+    """run(mnt, upper) on a kernel and a cowfs mount of one layer made by make_layer."""
     seen = {}
     for side, mount in (("kernel", kernel_mount), ("cowfs", cowfs_mount)):
-        lower, up, work = _dirs(shared / side, "l", "u", "w")
-        _default_acl_dir(lower)
-        with mount([lower], up, work, shared / side / "mnt") as mnt:
-            seen[side] = _create_with_umask(mnt / "shared" / "new")
+        lower, up, work = _dirs(base / side, "l", "u", "w")
+        make_layer(lower)
+        with mount([lower], up, work, base / side / "mnt") as mnt:
+            seen[side] = run(mnt, up)
     assert seen["cowfs"] == seen["kernel"]
+    return seen
+
+
+def test_default_acl_applies_to_new_files(shared: Path) -> None:
+    # A parent's default ACL replaces the umask (the kernel leaves that to us).
+    _on_both(shared, _default_acl_dir, lambda mnt, up: _create_with_umask(mnt / "shared" / "new"))
 
 
 def test_posix_acls_enforced_and_kept_on_copy_up(shared: Path) -> None:
-    seen = {}
-    for side, mount in (("kernel", kernel_mount), ("cowfs", cowfs_mount)):
-        lower, up, work = _dirs(shared / side, "l", "u", "w")
-        _acl_layer(lower)
-        with mount([lower], up, work, shared / side / "mnt") as mnt:
-            seen[side] = (_as_user(mnt), os.getxattr(mnt / "granted", ACL),
-                          (mnt / "granted").read_bytes())
-            seen[side] += (os.getxattr(up / "granted", ACL) if (up / "granted").exists()
-                           else None,)
-    assert seen["cowfs"] == seen["kernel"]
+    def run(mnt: Path, up: Path) -> tuple:
+        return (_as_user(mnt), os.getxattr(mnt / "granted", ACL),
+                (mnt / "granted").read_bytes(),
+                os.getxattr(up / "granted", ACL) if (up / "granted").exists() else None)
+    seen = _on_both(shared, _acl_layer, run)
     assert seen["cowfs"][0] == ["noread Permission denied", "nowrite Permission denied",
                                 "granted ok"]
     assert seen["cowfs"][3] == _acl(6, 6, 0, 0)      # kept on copy-up
