@@ -412,3 +412,40 @@ def test_failed_rename_changes_nothing(tmp_path: Path, side: str) -> None:
         assert (mnt / "d1" / "src").read_bytes() == b"src+"
         if side == "cowfs":
             assert stray_work_entries(work, orphans=True) == []
+
+
+# -------------------------------------------------------------- deep trees
+def test_copy_up_at_depth_beyond_the_recursion_limit(tmp_path: Path) -> None:
+    # 2,100 levels (a 4,200-byte path): copy-up walked and copied parents by
+    # recursion, and failed with RecursionError past ~1,000.
+    depth = 2100
+    lower = tmp_path / "l"
+    lower.mkdir()
+    try:
+        fd = os.open(lower, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):
+                os.mkdir("d", dir_fd=fd)
+                nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            with open(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "wb") as f:
+                f.write(b"deep\n")
+        finally:
+            os.close(fd)
+        ov = _core(tmp_path, lower)
+        try:
+            with ov.lock:
+                node = walk(ov, "/".join(["d"] * depth + ["f"]))
+                h = file.open_file(ov, node, os.O_WRONLY)
+                os.pwrite(h.fd, b"DEEP", 0)
+                file.release(h)
+                assert node.layer == 0
+                for n in [n for n in ov.table.nodes.values() if n is not ov.root]:
+                    ov.table.drop(n)
+                assert _read(ov, "/".join(["d"] * depth + ["f"])) == b"DEEP\n"
+        finally:
+            ov.close()
+    finally:
+        # (shutil.rmtree, pytest's too, recurses too deep for this tree)
+        subprocess.run(["rm", "-rf", str(tmp_path / "u"), str(lower)], check=True, timeout=60)
