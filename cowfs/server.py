@@ -98,11 +98,16 @@ class OverlayServer(Operations):
     def _held(self, node: Node) -> bool:
         return node in self.views or node in self.stale
 
-    def _copied_up(self, node: Node) -> None:
-        # The kernel caches st_ino and st_nlink with the other attributes.
+    def _copied_up(self, node: Node, renumbered: bool) -> None:
+        # The kernel caches st_ino and st_nlink with the other attributes, and
+        # d_ino in the parent's cached listing.
+        assert self.session is not None
         v = self.views.get(node)
-        if v is not None and self.session is not None:
-            self.session.inval_attr_now(v)
+        if v is not None:
+            self.session.inval_inode_now(v)
+        parent = self.views.get(node.parent) if renumbered and node.parent else None
+        if parent is not None:
+            self.session.inval_inode_now(parent, 0, 0)
 
     def _view(self, node: Node) -> View:
         v = self.views.get(node)

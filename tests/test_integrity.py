@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -218,17 +218,46 @@ def _as_user(mnt: Path) -> list[str]:
     return res.stdout.splitlines()
 
 
-def test_posix_acls_enforced_and_kept_on_copy_up(shared: Path) -> None:
+def _default_acl_dir(lower: Path) -> None:
+    (lower / "shared").mkdir()
+    os.setxattr(lower / "shared", "system.posix_acl_default", _acl(7, 7, 5, 5))
+
+
+def _create_with_umask(path: Path) -> tuple:
+    old = os.umask(0o022)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(str(path) + ".d", 0o777)
+    finally:
+        os.umask(old)
+    return tuple((oct(os.lstat(p).st_mode), os.getxattr(p, ACL))
+                 for p in (path, Path(str(path) + ".d")))
+
+
+def _on_both(base: Path, make_layer: Callable[[Path], None],
+             run: Callable[[Path, Path], tuple]) -> dict[str, tuple]:
+    """run(mnt, upper) on a kernel and a cowfs mount of one layer made by make_layer."""
     seen = {}
     for side, mount in (("kernel", kernel_mount), ("cowfs", cowfs_mount)):
-        lower, up, work = _dirs(shared / side, "l", "u", "w")
-        _acl_layer(lower)
-        with mount([lower], up, work, shared / side / "mnt") as mnt:
-            seen[side] = (_as_user(mnt), os.getxattr(mnt / "granted", ACL),
-                          (mnt / "granted").read_bytes())
-            seen[side] += (os.getxattr(up / "granted", ACL) if (up / "granted").exists()
-                           else None,)
+        lower, up, work = _dirs(base / side, "l", "u", "w")
+        make_layer(lower)
+        with mount([lower], up, work, base / side / "mnt") as mnt:
+            seen[side] = run(mnt, up)
     assert seen["cowfs"] == seen["kernel"]
+    return seen
+
+
+def test_default_acl_applies_to_new_files(shared: Path) -> None:
+    # A parent's default ACL replaces the umask (the kernel leaves that to us).
+    _on_both(shared, _default_acl_dir, lambda mnt, up: _create_with_umask(mnt / "shared" / "new"))
+
+
+def test_posix_acls_enforced_and_kept_on_copy_up(shared: Path) -> None:
+    def run(mnt: Path, up: Path) -> tuple:
+        return (_as_user(mnt), os.getxattr(mnt / "granted", ACL),
+                (mnt / "granted").read_bytes(),
+                os.getxattr(up / "granted", ACL) if (up / "granted").exists() else None)
+    seen = _on_both(shared, _acl_layer, run)
     assert seen["cowfs"][0] == ["noread Permission denied", "nowrite Permission denied",
                                 "granted ok"]
     assert seen["cowfs"][3] == _acl(6, 6, 0, 0)      # kept on copy-up
@@ -383,3 +412,40 @@ def test_failed_rename_changes_nothing(tmp_path: Path, side: str) -> None:
         assert (mnt / "d1" / "src").read_bytes() == b"src+"
         if side == "cowfs":
             assert stray_work_entries(work, orphans=True) == []
+
+
+# -------------------------------------------------------------- deep trees
+def test_copy_up_at_depth_beyond_the_recursion_limit(tmp_path: Path) -> None:
+    # 2,100 levels (a 4,200-byte path): copy-up walked and copied parents by
+    # recursion, and failed with RecursionError past ~1,000.
+    depth = 2100
+    lower = tmp_path / "l"
+    lower.mkdir()
+    try:
+        fd = os.open(lower, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):
+                os.mkdir("d", dir_fd=fd)
+                nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            with open(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "wb") as f:
+                f.write(b"deep\n")
+        finally:
+            os.close(fd)
+        ov = _core(tmp_path, lower)
+        try:
+            with ov.lock:
+                node = walk(ov, "/".join(["d"] * depth + ["f"]))
+                h = file.open_file(ov, node, os.O_WRONLY)
+                os.pwrite(h.fd, b"DEEP", 0)
+                file.release(h)
+                assert node.layer == 0
+                for n in [n for n in ov.table.nodes.values() if n is not ov.root]:
+                    ov.table.drop(n)
+                assert _read(ov, "/".join(["d"] * depth + ["f"])) == b"DEEP\n"
+        finally:
+            ov.close()
+    finally:
+        # (shutil.rmtree, pytest's too, recurses too deep for this tree)
+        subprocess.run(["rm", "-rf", str(tmp_path / "u"), str(lower)], check=True, timeout=60)

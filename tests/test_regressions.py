@@ -528,3 +528,14 @@ def test_orphan_goes_once_closed() -> None:
         p.do("fd0 read", od.op_fd_read(0, 0, 10))
         p.do("close fd0", od.op_fd_close(0))
         p.check_workdir_clean()
+
+
+def test_broken_lower_hardlink_d_ino_after_listing() -> None:
+    # Found by the differential run: a copy-up gives one name of a lower hard link
+    # its upper inode number; the kernel's cached listing of the parent kept the
+    # old d_ino.  Fixed: that listing is dropped too.
+    layers = [L({"f": _file(b""), "a": E("hardlink", target="f")})]
+    with od.Pair(layers) as p:
+        p.check_trees("before")
+        p.do("chmod a 0644", od.op_chmod("a", 0o644))
+        p.check_trees("after copy-up")

@@ -346,15 +346,15 @@ class Session:
         if nodeid is not None:
             self._notify(abi.Notify.INVAL_INODE, abi.NOTIFY_INVAL_INODE.pack(nodeid, off, length))
 
-    def inval_attr_now(self, obj: Any) -> None:
-        """Drop the kernel's cached attributes of obj before this call returns
-        (before the reply of the request making them stale).  Unlike other
-        notifications this one is safe to send from a request: for attributes
-        only (offset -1) the kernel takes no lock a request may hold."""
+    def inval_inode_now(self, obj: Any, off: int = -1, length: int = 0) -> None:
+        """inval_inode, sent before this call returns (before the reply of the
+        request that made the attributes stale), not queued.  Safe from a
+        request: the kernel takes no lock a request waits under, for attributes
+        (off -1) or a directory's cached listing (off 0)."""
         nodeid = self._ids.get(obj)
         if nodeid is None:
             return
-        body = abi.NOTIFY_INVAL_INODE.pack(nodeid, -1, 0)
+        body = abi.NOTIFY_INVAL_INODE.pack(nodeid, off, length)
         try:
             os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(body),
                                                   abi.Notify.INVAL_INODE, 0) + body)

@@ -157,7 +157,8 @@ def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     # (as overlayfs does), or the upper dir would show the parent as modified.
     os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
     upper_st = lstat_at(pfd, node.name)
-    if node.key != node.ino:
+    renumbered = node.key != node.ino
+    if renumbered:
         # One name of a lower hard link: a file of its own now (index=off).
         ov.table.renumber(node, ov.numbers.number(upper_st))
     else:
@@ -165,7 +166,7 @@ def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     node.layer = 0
     node.attr = None
     node.gen += 1
-    ov.copied_up(node)
+    ov.copied_up(node, renumbered)
 
 
 def ensure_upper_dir(ov: Overlay, node: Node) -> None:

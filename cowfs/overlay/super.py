@@ -104,9 +104,9 @@ class Overlay:
         # Told before blocking work, so the server can go on serving meanwhile.
         self.before_block: Callable[[], None] = lambda: None
         # Told after a copy-up: what stat shows may change with it (a merged
-        # directory's nlink, a broken lower hard link's st_ino and nlink), so
-        # whoever serves the overlay drops the attributes it handed out.
-        self.copied_up: Callable[[Node], None] = lambda node: None
+        # directory's nlink; renumbered: a broken lower hard link's st_ino and
+        # nlink), so whoever serves the overlay drops what it handed out.
+        self.copied_up: Callable[[Node, bool], None] = lambda node, renumbered: None
 
     def _claim_dirs(self) -> int:
         """Hold upperdir and workdir for the life of the overlay (flock: gone with
