@@ -123,6 +123,12 @@ class LayerWriter:
                          MT_OCI_LAYER + COMPRESSIONS[self.compression])
 
     def abort(self) -> None:
+        # The streams first (their buffers are dropped), so that nothing writes
+        # into the closed file later, when they are collected.
+        for stream in (self.tar, self.comp):
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.close()
         self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
