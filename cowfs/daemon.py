@@ -48,7 +48,8 @@ def _serve_mounted(cfg: MountConfig, ready_fd: int | None) -> int:
     try:
         overlay = Overlay(cfg)
         server = OverlayServer(overlay, _passthrough_wanted(cfg))
-        hold_mount_locks(cfg.lowerdirs, cfg.upperdir, cfg.workdir)
+        # (the overlay holds upperdir and workdir exclusively; the lowers are shared)
+        hold_mount_locks(cfg.lowerdirs, None, None)
         record_mount(cfg)
         ctl = control.start(overlay, cfg)
         fd = fuse.mount(mount_spec(cfg))

@@ -9,7 +9,6 @@ listings and page cache.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .fuse import NOW, Ctx, DirEntry, Entry, Opened, Operations, Session, SetAttr
-from .fuse.abi import Fopen, Init, Op, dirent_type, pack_attr
+from .fuse.abi import Fopen, Init, Op, dirent_type, pack_attr, pack_statx, statx_nlink
 from .overlay import Overlay
 from .overlay import dir as dir_ops
 from .overlay import file, inode, xattrs
@@ -31,15 +30,6 @@ from .overlay.readdir import merged_names
 log = logging.getLogger("cowfs")
 
 BIG_IO = 256 * 1024     # reads and writes at least this big run without the core lock
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.syncfs.argtypes = [ctypes.c_int]
-
-
-def _libc_check(ret: int) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -94,6 +84,7 @@ class OverlayServer(Operations):
         # Test hook: names starting with $COWFS_FAULT make lookup ("...lookup")
         # or forget ("...forget") raise, to show the daemon survives a bug.
         self._fault = os.fsencode(os.environ.get("COWFS_FAULT", "")) or None
+        ov.copied_up = self._copied_up
 
     def attach(self, session: Session) -> None:
         self.session = session
@@ -106,6 +97,17 @@ class OverlayServer(Operations):
 
     def _held(self, node: Node) -> bool:
         return node in self.views or node in self.stale
+
+    def _copied_up(self, node: Node, renumbered: bool) -> None:
+        # The kernel caches st_ino and st_nlink with the other attributes, and
+        # d_ino in the parent's cached listing.
+        assert self.session is not None
+        v = self.views.get(node)
+        if v is not None:
+            self.session.inval_inode_now(v)
+        parent = self.views.get(node.parent) if renumbered and node.parent else None
+        if parent is not None:
+            self.session.inval_inode_now(parent, 0, 0)
 
     def _view(self, node: Node) -> View:
         v = self.views.get(node)
@@ -130,16 +132,12 @@ class OverlayServer(Operations):
 
     def _encode(self, node: Node) -> bytes:
         st = inode.getattr_(self.ov, node)
-        nlink = None
-        if node.unlinked:
-            nlink = 0     # (an orphan's real link is work/'s, not a name)
-        elif node.extra_links:
-            nlink = st.st_nlink + node.extra_links
-        elif node.is_dir and inode.is_merged(self.ov, node):
-            # A merged directory's link count is unknowable without reading every
-            # layer; like overlayfs, report 1 ("not counted": find and fts cope).
-            nlink = 1
-        return pack_attr(node.ino, st, nlink)
+        return pack_attr(node.ino, st, inode.shown_nlink(self.ov, node, st.st_nlink))
+
+    def statx(self, v: View, fh: int | None, mask: int, ctx: Ctx) -> bytes:
+        node = v.node
+        sx = inode.statx_(self.ov, node, mask)
+        return pack_statx(sx, node.ino, inode.shown_nlink(self.ov, node, statx_nlink(sx)))
 
     def _entry(self, node: Node) -> Entry:
         return Entry(self._view(node), self._attr(node))
@@ -239,6 +237,10 @@ class OverlayServer(Operations):
             if self.views.get(node) is v:
                 del self.views[node]
                 self.stale[node] = self.stale.get(node, 0) + 1
+                parent = self.views.get(node.parent) if node.parent is not None else None
+                if parent is not None and self.session is not None:
+                    # (other cached names of it are looked up again too)
+                    self.session.inval_entry(parent, node.name)
             raise OSError(errno.ESTALE, "file copied up under passthrough readers")
         b.opens += 1
         of.passthrough = True
@@ -297,26 +299,18 @@ class OverlayServer(Operations):
             self.session.backing_close(b.id)
 
     def fsync(self, fh: int, datasync: bool) -> None:
-        h = self._handle(fh)
-        if h.writable and not self.ov.volatile:
-            self.ov.unlocked(os.fdatasync if datasync else os.fsync, h.fd)
+        file.fsync(self.ov, self._handle(fh), datasync)
 
     def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
-        h = self._handle(fh)
-        if not h.writable:
-            raise OSError(errno.EBADF, "not open for writing")
-        _libc_check(self.ov.unlocked(_libc.fallocate, h.fd, mode, off, length))
+        file.fallocate(self.ov, self._handle(fh), mode, off, length)
 
     def lseek(self, fh: int, off: int, whence: int) -> int:
         return os.lseek(self._handle(fh).fd, off, whence)
 
     def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
                         length: int, flags: int) -> int:
-        src, dst = self._handle(fh_in), self._handle(fh_out)
-        if not dst.writable:
-            raise OSError(errno.EBADF, "not open for writing")
-        # Between the real files: a reflink or an in-kernel copy where they can.
-        return self.ov.unlocked(os.copy_file_range, src.fd, dst.fd, length, off_in, off_out)
+        return file.copy_range(self.ov, self._handle(fh_in), off_in, self._handle(fh_out),
+                               off_out, length)
 
     def ioctl(self, v: View, fh: int, cmd: int, data: bytes, out_size: int
               ) -> tuple[int, bytes]:
@@ -366,8 +360,7 @@ class OverlayServer(Operations):
             self.ov.unlocked(os.fsync, inode.upper_dir_fd(self.ov, v.node))
 
     def syncfs(self) -> None:
-        if self.ov.upper is not None and not self.ov.volatile:
-            _libc_check(self.ov.unlocked(_libc.syncfs, self.ov.upper.fd))
+        file.syncfs(self.ov)
 
     def statfs(self, v: View) -> os.statvfs_result:
         layer = self.ov.upper or self.ov.layers[1]

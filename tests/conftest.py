@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", default=False,
+                     help="test_differential: run >= 10,000 compared operations")
+
+
 def write(p: Path, data: str | bytes = "", mode: int | None = None) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(data.encode() if isinstance(data, str) else data)

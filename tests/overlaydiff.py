@@ -19,6 +19,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -334,14 +335,15 @@ class Side:
         return os.path.join(self.mnt, rel)
 
 
-def stray_work_entries(workdir: str | Path) -> list[str]:
+def stray_work_entries(workdir: str | Path, orphans: bool = False) -> list[str]:
     """What is left in workdir/work besides cowfs' shared whiteout (a 0/0
-    character device it keeps there to hard-link whiteouts from) and orphans
-    (deleted files the kernel may still open, kept until it forgets them)."""
+    character device it keeps there to hard-link whiteouts from) and, unless
+    orphans=True, orphans (deleted files the kernel may still open, kept until
+    it forgets them)."""
     work = os.path.join(workdir, "work")
     return [n for n in os.listdir(work)
             if not (n == "whiteout" and stat.S_ISCHR(os.lstat(os.path.join(work, n)).st_mode))
-            and not n.startswith("#orphan-")]
+            and (orphans or not n.startswith("#orphan-"))]
 
 
 def cowfs_pid(mnt: str) -> int | None:
@@ -494,8 +496,13 @@ class Pair:
         assert not lines, "upper layers differ:\n" + "\n".join(lines)
 
     def check_workdir_clean(self) -> None:
-        # cowfs leaves nothing in work/ between operations.
-        left = stray_work_entries(self.c.work)
+        """cowfs leaves nothing in work/ between operations, and no orphan once
+        no fd holds it (the kernel's forget of a closed deleted file may take a
+        moment to arrive)."""
+        deadline = time.monotonic() + 5
+        while (left := stray_work_entries(self.c.work, orphans=True)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not left, f"cowfs left {left} in workdir/work"
 
 

@@ -16,8 +16,9 @@ from cowfs.snapshot import Snapshotter
 
 from .clientutil import (COWFS_ARGS, cowfs_path_env, example_layout, have, layout_archive, stop,
                          wait_for, wait_until)
-from .imageutil import cowfs_unready, needs_root, scratch
+from .imageutil import cowfs, cowfs_unready, needs_root, scratch
 from .mountutil import unmount
+from .registryutil import REGISTRY_BIN, RegistryServer, running
 
 __all__ = ["scratch"]
 pytestmark = [pytest.mark.slow, needs_root]
@@ -101,3 +102,26 @@ def test_ctr_run_with_the_cowfs_snapshotter(containerd: tuple[Path, list[str]],
     ctr(cmd, "containers", "rm", "c1")
     ctr(cmd, "image", "rm", "--sync", IMAGE)
     assert wait_until(lambda: list(sn.walk()) == [])  # and the layers went with the image
+
+
+@pytest.mark.skipif(REGISTRY_BIN is None, reason="docker-registry is not installed "
+                    "(scripts/setup --slow)")
+def test_ctr_pull_from_a_local_registry_and_run(containerd: tuple[Path, list[str]],
+                                                scratch: Path) -> None:
+    """The runtime's usual path: containerd pulls the image from a registry (here
+    Debian's docker-registry on 127.0.0.1, the image pushed by cowfs) straight into
+    the cowfs snapshotter, and runs a container on it."""
+    store, cmd = containerd
+    spec = example_layout(scratch / "oci", "1")
+    with running(RegistryServer(scratch / "registry")) as reg:
+        ref = f"{reg.host}/cowfs/example:1"
+        cowfs("image", "import", spec, store=scratch / "push-store")
+        cowfs("image", "push", "--plain-http", spec, ref, store=scratch / "push-store")
+        ctr(cmd, "image", "pull", "--plain-http", "--snapshotter", "cowfs", ref)
+        out = ctr(cmd, "run", "--rm", "--snapshotter", "cowfs", ref, "p1", "/bin/sh", "-c",
+                  "/bin/hello; read -r line </etc/os-release; echo \"$line\"")
+    assert "hello from the base layer" in out and 'NAME="Example Linux"' in out
+    sn = Snapshotter(str(store))
+    assert len(list(sn.walk(["kind==committed"]))) == 4
+    ctr(cmd, "image", "rm", "--sync", ref)
+    assert wait_until(lambda: list(sn.walk()) == [])

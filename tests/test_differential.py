@@ -14,7 +14,6 @@ operations.  Divergences found are kept as plain tests in test_regressions.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -41,9 +40,7 @@ OWNERS = [0, 1000, 65534]
 OFFSETS = [0, 3, 4095, 4096, 65536, 1 << 20]
 
 paths = st.sampled_from(PATHS)
-# Lower hard links: cowfs keeps them one inode after a copy-up, as the kernel does
-# with index=on (a deliberate difference from its default, see the README), so an
-# example whose layers have hard links mounts the kernel with index=on.
+# Lower hard links: both sides break them at copy-up (index=off, the kernel's default).
 LOWER_HARDLINKS = os.environ.get("COWFS_DIFF_HARDLINKS", "1") == "1"
 DATA = {"x": b"x", "hello": b"hello world", "zeros": b"\0\0\0", "Z5000": b"Z" * 5000,
         "bytes10k": bytes(range(256)) * 40}
@@ -95,7 +92,7 @@ def layer_spec(draw):
 # here, so the random search goes on finding new ones.
 # (test_opaque_dir_nlink, test_redirect_stops_at_non_dir_layer and
 # test_moved_upper_dir_gets_opaque were fixed in the core)
-KNOWN = od.Normalize(dir_nlink=False)   # test_failed_setxattr_on_lower_dir_nlink
+KNOWN = od.Normalize()
 
 LONG = os.environ.get("COWFS_LONG") == "1"
 COUNTS = {"examples": 0, "ops": 0}
@@ -106,10 +103,7 @@ class OverlayDiff(RuleBasedStateMachine):
 
     @initialize(layers=st.lists(layer_spec(), min_size=1, max_size=4))
     def mount(self, layers):
-        self.links = links = any(e.kind == "hardlink" for spec in layers
-                                 for e in spec.entries.values())
-        self.pair = od.Pair(layers, KNOWN,
-                            kernel_extra=od.KERNEL_EXTRA + (",index=on" if links else ""))
+        self.pair = od.Pair(layers, KNOWN)
         self.nfds = 0
         COUNTS["examples"] += 1
         self.pair.check_trees("after mount")
@@ -124,10 +118,6 @@ class OverlayDiff(RuleBasedStateMachine):
                 pair.both(od.op_fd_close(i))
             pair.check_uppers()
             pair.check_workdir_clean()
-            if self.links:
-                # Deliberate (README): the link between a copied-up name and the names
-                # still only in a lower layer does not survive a remount in cowfs.
-                pair.norm = dataclasses.replace(pair.norm, file_nlink=False, ino_groups=False)
             pair.remount()
             pair.check_trees("after remounting both")
             pair.check_cowfs_reads_kernel_upper()
@@ -328,7 +318,7 @@ def _run(examples: int, steps: int, derandomize: bool) -> None:
 
 
 def test_differential(request):
-    long = LONG or request.config.getoption("--long", default=False)
+    long = LONG or request.config.getoption("--long")
     examples = int(os.environ.get("COWFS_DIFF_EXAMPLES", 150 if long else 120))
     steps = int(os.environ.get("COWFS_DIFF_STEPS", 80 if long else 50))
     # long mode runs batches until at least this many operations have been compared

@@ -67,14 +67,25 @@ def _mount(d: Path):
 
 
 # --------------------------------------------------------------- SIGKILL
-def test_sigkill_during_large_copy_up(scratch: Path) -> None:
-    size = 200 * MiB
+def _wait_for(path: Path, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_sigkill_during_large_copy_up(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 64 * MiB
     lower_md5 = _pattern_file(scratch / "lower" / "big", size)
     (scratch / "lower" / "small").write_bytes(b"small\n")
     mnt = scratch / "mnt"
-    work = scratch / "work" / "work"
-    caught_mid_copy = False
+    pause = scratch / "pause"
+    # The daemon stops in the copy-up (data copied, not installed) until killed.
+    monkeypatch.setenv("COWFS_TEST_PAUSE", str(pause))
     with _mount(scratch):
+        monkeypatch.delenv("COWFS_TEST_PAUSE")
         pid = cowfs_pid(str(mnt))
         assert pid is not None, "cannot find the cowfs daemon"
         writer = subprocess.Popen(
@@ -83,13 +94,8 @@ def test_sigkill_during_large_copy_up(scratch: Path) -> None:
              "os.write(fd, b'appended'); os.close(fd)", str(mnt / "big")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and writer.poll() is None:
-                with contextlib.suppress(OSError):
-                    if stray_work_entries(scratch / "work"):
-                        caught_mid_copy = True
-                        break
-                time.sleep(0.0005)
+            assert _wait_for(Path(f"{pause}.0")), "the copy-up never reached the pause"
+            assert stray_work_entries(scratch / "work"), "no copy in progress in work/"
             os.kill(pid, signal.SIGKILL)
             writer.wait(timeout=30)
         finally:
@@ -101,36 +107,25 @@ def test_sigkill_during_large_copy_up(scratch: Path) -> None:
                 break
             time.sleep(0.05)
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
-    print(f"SIGKILL caught the copy-up in progress: {caught_mid_copy}")
-    # Whatever the kill interrupted, the upper layer holds no partial copy.
-    up = scratch / "upper" / "big"
-    if up.exists():
-        st = up.stat()
-        assert st.st_size in (size, size + 8), f"partial copy-up in upper: {st.st_size}"
-        if st.st_size == size:
-            assert _md5(up) == lower_md5
+    assert writer.returncode != 0
+    # Killed before the copy was renamed into place: the upper layer has nothing.
+    assert os.listdir(scratch / "upper") == []
     with _mount(scratch):
         assert stray_work_entries(scratch / "work") == [], "workdir/work not emptied at mount"
         assert sorted(os.listdir(mnt)) == ["big", "small"]
-        st = os.stat(mnt / "big")
-        assert st.st_size in (size, size + 8)
-        h = hashlib.md5()
-        with open(mnt / "big", "rb") as f:
-            left = size
-            while left and (chunk := f.read(min(left, 4 * MiB))):
-                h.update(chunk)
-                left -= len(chunk)
-        assert h.hexdigest() == lower_md5
+        assert os.stat(mnt / "big").st_size == size
+        assert _md5(mnt / "big") == lower_md5
         # The mount is fully usable: the copy-up can now complete.
         with open(mnt / "big", "ab") as f:
             f.write(b"again")
-        assert os.stat(mnt / "big").st_size in (size + 5, size + 13)
+        assert os.stat(mnt / "big").st_size == size + 5
         assert (mnt / "small").read_bytes() == b"small\n"
     assert os.listdir(scratch / "upper") == ["big"]
 
 
 # -------------------------------------------------- racing writers
-def test_parallel_open_for_write_one_copy_up(scratch: Path) -> None:
+def test_parallel_open_for_write_one_copy_up(scratch: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     size = 32 * MiB
     _pattern_file(scratch / "lower" / "f", size)
     expected = bytearray((scratch / "lower" / "f").read_bytes())
@@ -139,29 +134,36 @@ def test_parallel_open_for_write_one_copy_up(scratch: Path) -> None:
         off = i * 5 * MiB + 123
         payload = (b"writer-%d;" % i) * 100
         expected[off:off + len(payload)] = payload
+    pause = scratch / "pause"
+    monkeypatch.setenv("COWFS_TEST_PAUSE", str(pause))
     with _mount(scratch):
-        go = scratch / "go"
+        monkeypatch.delenv("COWFS_TEST_PAUSE")
         code = f"""
-            import os, sys, time
+            import os, sys
             i = int(sys.argv[1])
-            while not os.path.exists({str(go)!r}):
-                time.sleep(0.001)
             fd = os.open({str(scratch / 'mnt' / 'f')!r}, os.O_WRONLY)
             payload = (b"writer-%d;" % i) * 100
             assert os.pwrite(fd, payload, i * 5 * {MiB} + 123) == len(payload)
             os.close(fd)
         """
-        procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(i)])
-                 for i in range(nproc)]
+        procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), "0"])]
         try:
-            time.sleep(0.5)
-            go.touch()
+            # The first writer's copy-up waits at the pause; the others open now.
+            assert _wait_for(Path(f"{pause}.0")), "the copy-up never reached the pause"
+            procs += [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(i)])
+                      for i in range(1, nproc)]
+            time.sleep(1.0)
+            # They wait for the first copy-up instead of starting their own.
+            assert not Path(f"{pause}.1").exists(), "a second copy-up of the same file"
+            os.unlink(f"{pause}.0")
             for p in procs:
                 assert p.wait(timeout=120) == 0
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
+            for m in scratch.glob("pause.*"):
+                m.unlink()
         data = (scratch / "mnt" / "f").read_bytes()
         assert len(data) == size
         assert data == bytes(expected), "a writer's data was lost: more than one copy-up?"

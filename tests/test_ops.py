@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from .mountutil import cowfs_mount
 from .test_write import attempt, both
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -179,3 +180,33 @@ def test_inode_flags_lsattr_chattr(tmp_path):
         res.append((m / "etc/passwd").read_text())
         return res
     both(tmp_path, script)
+
+
+def test_statx_birth_time_of_the_real_file(tmp_path):
+    """statx: the birth time is the real file's (the layer's, or the upper copy's
+    after copy-up), with the merged view's inode number and link count."""
+    def birth(p: Path) -> list[str]:
+        out = subprocess.run(["stat", "-c", "%W %h", str(p)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out
+
+    def script(m: Path) -> list:
+        res = [birth(m / "etc/passwd")[1], birth(m / "deep")[1]]
+        (m / "etc/passwd").chmod(0o600)
+        res.append(birth(m / "etc/passwd")[0] != "0")
+        return res
+    kernel_upper, cowfs_upper = both(tmp_path, script)
+    layers = tmp_path / "layers"
+    lower_birth = birth(layers / "l3/etc/shadow")[0]
+    assert lower_birth != "0"     # (the filesystem here records birth times)
+    with cowfs_mount_same(tmp_path) as m:
+        assert birth(m / "etc/shadow")[0] == lower_birth
+        assert birth(m / "etc/passwd")[0] == birth(cowfs_upper / "etc/passwd")[0]
+        assert birth(m / "deep")[1] == "1"       # merged: not counted, as overlayfs
+
+
+def cowfs_mount_same(tmp_path: Path):
+    """cowfs again over the layers and upper `both` left behind."""
+    base = tmp_path / "cowfs"
+    lowers = [tmp_path / "layers" / n for n in ("l1", "l2", "l3")]
+    return cowfs_mount(lowers, base / "upper", base / "work", base / "mnt")

@@ -4,9 +4,12 @@ challenges and files, and whole pulls against an in-process fake registry
 from __future__ import annotations
 
 import base64
+import dataclasses
+import gzip
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +19,13 @@ import pytest
 
 from cowfs.image.errors import ImageError
 from cowfs.image.oci import MT_DOCKER_LIST, MT_OCI_INDEX, MT_OCI_MANIFEST, open_source
-from cowfs.image.registry import (BlobCache, Platform, RegistryOptions, parse_platform,
+from cowfs.image.registry import (Arrival, BlobCache, Platform, RegistryOptions, parse_platform,
                                   parse_reference, pull, push, select_manifest)
 from cowfs.image.registry_auth import auth_files, find_credentials, parse_www_authenticate
 from cowfs.image.store import Store
 from cowfs.overlay.params import UsageError
 
-from .imageutil import sha, snapshot
+from .imageutil import cowfs, sha, snapshot, write_layout
 from .registryutil import example_layers, example_layout
 
 D = "sha256:" + "ab" * 32
@@ -316,9 +319,10 @@ def test_pull_equals_import(fake: FakeRegistry, tmp_path: Path) -> None:
     ref = Store(str(tmp_path / "ref"))
     ref.import_image(open_source(str(tmp_path / "oci") + ":v1"), "ref", progress=False)
     [got], [want] = store.images(), ref.images()
-    assert got["layers"] == want["layers"] and got["id"] == want["id"]
-    for d in got["layers"]:
-        assert _tree(Path(store.layer_root(d))) == _tree(Path(ref.layer_root(d)))
+    assert (got.layers, got.chain, got.id) == (want.layers, want.chain, want.id)
+    assert (got.kind, got.source) == ("registry", f"fake.test/ns/app@{summary.manifest_digest}")
+    for c in got.chain:
+        assert _tree(Path(store.layer_root(c))) == _tree(Path(ref.layer_root(c)))
 
 
 def _tree(root: Path) -> dict:
@@ -334,7 +338,71 @@ def test_pull_twice_fetches_no_blob(fake: FakeRegistry, tmp_path: Path) -> None:
     summary = _pull(store, fake, name="again")
     assert fake.blob_gets()[n:] == []
     assert "0 downloaded" in str(summary)
-    assert {r["name"] for r in store.images()} == {"fake.test/ns/app:v1", "again"}
+    assert {r.name for r in store.images()} == {"fake.test/ns/app:v1", "again"}
+
+
+def _layer_tars(fake: FakeRegistry) -> list[bytes]:
+    manifest = json.loads(fake.manifests["ns/app:v1"][0])
+    return [gzip.decompress(fake.blobs[d["digest"]]) for d in manifest["layers"]]
+
+
+def test_pull_skips_layers_the_store_has(fake: FakeRegistry, tmp_path: Path) -> None:
+    """Layers imported before (store keys: chain IDs) are not downloaded again,
+    even with no blob kept: only the manifest and the config are fetched."""
+    store = Store(str(tmp_path / "store"))
+    store.import_image(open_source(str(tmp_path / "oci") + ":v1"), "local", progress=False)
+    summary = _pull(store, fake)
+    config = json.loads(fake.manifests["ns/app:v1"][0])["config"]["digest"]
+    assert fake.blob_gets() == [f"GET /v2/ns/app/blobs/{config}"]
+    assert "0 downloaded" in str(summary)
+    assert store.image("fake.test/ns/app:v1").chain == store.image("local").chain
+
+
+def test_pull_fetches_a_layer_stored_over_another_base(fake: FakeRegistry,
+                                                       tmp_path: Path) -> None:
+    """The image's second layer is in the store, but as the bottom layer of
+    another image: over this image's first layer it is another store layer,
+    and its blob must be downloaded."""
+    tars = _layer_tars(fake)
+    write_layout(tmp_path / "other", "b", [tars[1]])
+    store = Store(str(tmp_path / "store"))
+    store.import_image(open_source(str(tmp_path / "other") + ":b"), "b", progress=False)
+    assert store.has_layer(sha(tars[1]))
+    summary = _pull(store, fake)
+    assert "3 layers, 3 downloaded" in str(summary)
+    rec = store.image("fake.test/ns/app:v1")
+    assert rec.layers == [sha(t) for t in tars] and sha(tars[1]) not in rec.chain
+
+
+def test_commit_image_on_pulled_base(fake: FakeRegistry, tmp_path: Path) -> None:
+    """commit --image over a pulled image writes its layers from the blobs the
+    pull kept (linked, not copied), plus the new layer."""
+    st = tmp_path / "store"
+    store = Store(str(st))
+    _pull(store, fake)
+    rec = store.image("fake.test/ns/app:v1")
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "added").write_bytes(b"committed")
+    lowers = [a for d in store.lower_dirs(rec) for a in ("--lower", d)]
+    cowfs("commit", str(upper), *lowers, "--image", f"{tmp_path}/out:c", store=st)
+    pulled = json.loads(fake.manifests["ns/app:v1"][0])
+    src = open_source(f"{tmp_path}/out:c")
+    assert [d["digest"] for d in src.manifest["layers"][:3]] == \
+        [d["digest"] for d in pulled["layers"]]
+    assert [lr.diff_id for lr in src.layers[:3]] == rec.layers
+    for d in pulled["layers"]:
+        assert os.stat(BlobCache(store).path(d["digest"])).st_nlink == 2
+    again = Store(str(tmp_path / "again"))
+    again.import_image(src, "c", progress=False)
+    top = Path(again.lower_dirs(again.image("c"))[0])
+    assert (top / "etc" / "added").read_bytes() == b"committed"
+    # A kept blob gone (pruned by hand): the commit says which, and what to do.
+    os.unlink(BlobCache(store).path(pulled["layers"][0]["digest"]))
+    res = cowfs("commit", str(upper), *lowers, "--image", f"{tmp_path}/out2:c", store=st,
+                check=False)
+    assert res.returncode == 1
+    assert f"pull fake.test/ns/app@{sha(fake.manifests['ns/app:v1'][0])} again" in res.stderr
 
 
 def test_bearer_token(fake: FakeRegistry, tmp_path: Path) -> None:
@@ -423,6 +491,21 @@ def test_tampered_blob(fake: FakeRegistry, tmp_path: Path) -> None:
     assert _store_state(store)[:2] == before[:2]
     assert d[7:] not in _store_state(store)[2]
     assert d[7:] not in os.listdir(BlobCache(store).incoming_dir)
+
+
+def test_follower_of_a_discarded_download_gets_its_error(tmp_path: Path) -> None:
+    """A download that failed and discarded its file before the unpacker's first
+    read: the reader waits for the download's error instead of failing to open
+    a file that is gone."""
+    arrival = Arrival(str(tmp_path / "cache" / "blob"))
+    arrival.started(str(tmp_path / "incoming" / "blob"), 10)  # neither file exists
+    told = threading.Timer(0.2, arrival.finished, [ImageError("layer blob x: sha256 mismatch")])
+    told.start()
+    try:
+        with pytest.raises(ImageError, match="sha256 mismatch"):
+            arrival.reader().read()
+    finally:
+        told.join()
 
 
 def test_tampered_manifest(fake: FakeRegistry, tmp_path: Path) -> None:
@@ -551,6 +634,21 @@ def test_rm_prunes_kept_blobs(fake: FakeRegistry, tmp_path: Path) -> None:
     assert os.listdir(cache.incoming_dir) == ["cd" * 32]
 
 
+def test_pulled_image_with_bad_source_prunes_nothing(fake: FakeRegistry, tmp_path: Path) -> None:
+    """A pulled image's record must name REGISTRY/REPO@DIGEST: otherwise its
+    manifest blob is not known, and pruning the kept blobs stops, keeping all."""
+    from cowfs.image.records import RecordError, save
+    from cowfs.image.registry import prune_blobs
+    store = Store(str(tmp_path / "store"))
+    _pull(store, fake)
+    rec = store.image("fake.test/ns/app:v1")
+    save(dataclasses.replace(rec, source="fake.test/ns/app:v1"),
+         os.path.join(store.images_dir, os.listdir(store.images_dir)[0]))
+    with pytest.raises(RecordError, match="not REGISTRY/REPO@DIGEST"):
+        prune_blobs(store)
+    assert len(os.listdir(BlobCache(store).dir)) == 5
+
+
 def test_push_docker_archive_image(tmp_path: Path) -> None:
     """An image imported from `docker save` has no manifest to keep: push writes
     one (without cowfs' archive notes) over the archive's layer blobs."""
@@ -563,7 +661,7 @@ def test_push_docker_archive_image(tmp_path: Path) -> None:
     push(store, "arch", "fake.test/arch/app:v1", OPTS, httpx.MockTransport(dest))
     data, _ = dest.manifests["arch/app:v1"]
     assert b"x-cowfs" not in data
-    assert sorted(dest.blobs) == sorted([sha(t) for t in layers] + [store.image("arch")["id"]])
+    assert sorted(dest.blobs) == sorted([sha(t) for t in layers] + [store.image("arch").id])
     other = Store(str(tmp_path / "other"))
     _pull(other, dest, "fake.test/arch/app:v1")
-    assert other.images()[0]["layers"] == [sha(t) for t in layers]
+    assert other.images()[0].layers == [sha(t) for t in layers]

@@ -48,16 +48,16 @@ def _manifest_digest(layout: Path, tag: str) -> str:
 
 def _state(store: Path) -> tuple:
     s = Store(str(store))
-    return [r["name"] for r in s.images()], s.layer_ids()
+    return [r.name for r in s.images()], s.layer_ids()
 
 
 def _same_image(a: Path, a_name: str, b: Path, b_name: str) -> None:
     """Same config, same diff_ids, same unpacked layer trees."""
     sa, sb = Store(str(a)), Store(str(b))
     ra, rb = sa.image(a_name), sb.image(b_name)
-    assert (ra["id"], ra["layers"]) == (rb["id"], rb["layers"])
-    for d in ra["layers"]:
-        assert _tree(Path(sa.layer_root(d))) == _tree(Path(sb.layer_root(d)))
+    assert (ra.id, ra.layers, ra.chain) == (rb.id, rb.layers, rb.chain)
+    for c in ra.chain:
+        assert _tree(Path(sa.layer_root(c))) == _tree(Path(sb.layer_root(c)))
 
 
 def _push_layout(tmp_path: Path, layout: Path, dest: str, *extra: str) -> Path:

@@ -127,3 +127,26 @@ def test_kernel_userxattr_mount_reads_the_users_upper(userdirs: Path):
     kernel_view = res.stdout.split("lower\n")[0].split()
     assert kernel_view == (b / "cowfs.txt").read_text().split()
     assert res.stdout.endswith("lower\nmore\n")
+
+
+def test_user_mounts_an_upper_the_kernel_wrote_with_userxattr(userdirs: Path):
+    """The other way round: the kernel (in a user namespace, -o userxattr) writes
+    the upper, the user's cowfs shows the same tree."""
+    b = userdirs
+    opts = f"lowerdir={b}/l,upperdir={b}/u,workdir={b}/w"
+    script = textwrap.dedent(f"""
+        set -e
+        unshare -Urm sh -c 'mount -t overlay overlay -o userxattr,{opts} {b}/k && echo more >> {b}/k/etc/hosts && rm {b}/k/gone && rm -r {b}/k/dir && mkdir {b}/k/dir && echo new > {b}/k/dir/new && find {b}/k | sort | sed "s|{b}/k||" > {b}/kernel.txt'
+        cd /tmp && PYTHONPATH={REPO} {PYTHON} -m cowfs -o {opts} {b}/m
+        find {b}/m | sort | sed 's|{b}/m||'
+        cat {b}/m/etc/hosts {b}/m/dir/new
+        fusermount3 -u {b}/m
+    """)
+    res = _run_as_user(b, script)
+    if res.returncode != 0 and "mount" in res.stderr and "permitted" in res.stderr:
+        pytest.skip(f"the kernel refuses overlay mounts in user namespaces: {res.stderr}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    tree, _, rest = res.stdout.partition("lower\n")
+    assert tree.split() == (b / "kernel.txt").read_text().split()
+    assert "/gone" not in tree and "/dir/old" not in tree
+    assert rest == "more\nnew\n"

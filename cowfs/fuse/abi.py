@@ -250,3 +250,21 @@ def pack_dirent(ino: int, off: int, name: bytes, dtype: int) -> bytes:
 
 def direntplus_size(name: bytes) -> int:
     return align8(ENTRY_OUT.size + DIRENT.size + len(name))
+
+
+# struct statx and fuse_statx share their first 144 bytes (mask to dev_minor).
+STATX_SHARED = 144
+STATX_NLINK = struct.Struct("<I")       # at offset 16
+STATX_INO = struct.Struct("<Q")         # at offset 32
+
+
+def statx_nlink(sx: bytes | bytearray) -> int:
+    return STATX_NLINK.unpack_from(sx, 16)[0]
+
+
+def pack_statx(sx: bytearray, ino: int, nlink: int) -> bytes:
+    """fuse_statx from a struct statx, with the filesystem's inode number and
+    link count; the device fields are the kernel's to fill."""
+    STATX_INO.pack_into(sx, 32, ino)
+    STATX_NLINK.pack_into(sx, 16, nlink)
+    return bytes(sx[:STATX_SHARED]) + bytes(STATX.size - STATX_SHARED)

@@ -270,10 +270,14 @@ class Session:
             self._send(fd, unique, error, reply)
 
     def _send(self, fd: int, unique: int, error: int, body: bytes | list[bytes]) -> None:
-        parts = body if isinstance(body, list) else [body]
-        size = abi.OUT_HEADER.size + sum(len(p) for p in parts)
         try:
-            os.writev(fd, [abi.OUT_HEADER.pack(size, error, unique), *parts])
+            if type(body) is bytes and len(body) < 4096:
+                # (one small buffer: cheaper than gathering)
+                os.write(fd, _OUT_HEADER_PACK(_OUT_SIZE + len(body), error, unique) + body)
+                return
+            parts = body if isinstance(body, list) else [body]
+            size = _OUT_SIZE + sum(len(p) for p in parts)
+            os.writev(fd, [_OUT_HEADER_PACK(size, error, unique), *parts])
         except OSError as e:
             # ENOENT: the request was interrupted and is gone; ENODEV: unmounted.
             if e.errno not in (errno.ENOENT, errno.ENODEV):
@@ -341,6 +345,22 @@ class Session:
         nodeid = self._ids.get(obj)
         if nodeid is not None:
             self._notify(abi.Notify.INVAL_INODE, abi.NOTIFY_INVAL_INODE.pack(nodeid, off, length))
+
+    def inval_inode_now(self, obj: Any, off: int = -1, length: int = 0) -> None:
+        """inval_inode, sent before this call returns (before the reply of the
+        request that made the attributes stale), not queued.  Safe from a
+        request: the kernel takes no lock a request waits under, for attributes
+        (off -1) or a directory's cached listing (off 0)."""
+        nodeid = self._ids.get(obj)
+        if nodeid is None:
+            return
+        body = abi.NOTIFY_INVAL_INODE.pack(nodeid, off, length)
+        try:
+            os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(body),
+                                                  abi.Notify.INVAL_INODE, 0) + body)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
 
     def inval_entry(self, parent: Any, name: bytes) -> None:
         """Drop the kernel's cached dentry parent/name (a negative one too)."""
@@ -622,9 +642,14 @@ class Session:
         raise OSError(errno.ENOTTY, "unrestricted ioctls are not served")
 
     def _statx(self, body: memoryview, nodeid: int, ctx: Ctx) -> bytes:
-        raise OSError(errno.ENOSYS, "the kernel falls back to GETATTR")
+        getattr_flags, _, fh, _sx_flags, mask = abi.STATX_IN.unpack_from(body)
+        stx = self.fs.statx(self._obj(nodeid), fh if getattr_flags & abi.GETATTR_FH else None,
+                            mask, ctx)
+        return abi.STATX_OUT_HEAD.pack(self._attr_times[0], self._attr_times[1], 0) + stx
 
 
+_OUT_HEADER_PACK = abi.OUT_HEADER.pack
+_OUT_SIZE = abi.OUT_HEADER.size
 _NO_REPLY = frozenset((Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT))
 
 

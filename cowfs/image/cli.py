@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import os
 import subprocess
 import sys
@@ -195,6 +196,11 @@ def _mountinfo_overlay(mnt: str) -> tuple[str, list[str]] | None:
 def resolve_layers(target: str, lowers: list[str] | None, store: Store) -> tuple[str, list[str]]:
     """(upper, lowers top first) for `cowfs diff/commit TARGET`: a cowfs or kernel
     overlay mount point, or an upper dir with --lower or with a known mount."""
+    try:
+        os.statvfs(target)   # (stat may answer from the kernel's cache; statfs asks)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UsageError(f"{target}: {e.strerror} (its daemon is gone; umount it)") from None
     if not os.path.isdir(target):
         raise UsageError(f"'{target}' is not a directory")
     mounted = is_mounted(target)
@@ -248,9 +254,9 @@ def cmd_commit(ns: argparse.Namespace) -> int:
             _warn("the layers below are not an imported image: "
                   "the new image holds only the committed layer")
         comment = ns.message or f"cowfs commit {datetime.date.today().isoformat()}"
-        layer, manifest = commit_to_layout(ns.image, upper, lowers, base, comment,
-                                           None if ns.compression == "none" else ns.compression,
-                                           ns.output)
+        layer, manifest = commit_to_layout(
+            ns.image, upper, lowers, base, store.blobs_dir, comment,
+            None if ns.compression == "none" else ns.compression, ns.output)
     print(f"digest: {layer.digest}")
     print(f"diff_id: {layer.diff_id}")
     if ns.image:

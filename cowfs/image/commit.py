@@ -123,6 +123,12 @@ class LayerWriter:
                          MT_OCI_LAYER + COMPRESSIONS[self.compression])
 
     def abort(self) -> None:
+        # The streams first (their buffers are dropped), so that nothing writes
+        # into the closed file later, when they are collected.
+        for stream in (self.tar, self.comp):
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.close()
         self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
@@ -285,27 +291,30 @@ def _write_blob(layout: str, data: bytes) -> dict:
 
 
 @contextlib.contextmanager
-def _base_blob(base: ImageRecord, desc: dict) -> Iterator[BinaryIO | None]:
-    """A base layer's blob where the image was imported from, if it is still there."""
+def base_blob(base: ImageRecord, desc: dict, kept: str) -> Iterator[BinaryIO | None]:
+    """A base layer's blob where the image came from, if it is still there: its
+    OCI layout, tarball or docker archive, or for a pulled image the blobs the
+    store kept (kept: Store.blobs_dir)."""
     digest = desc["digest"]
-    if base.kind in ("oci", "tarball"):
-        src = os.path.join(base.source, "blobs", "sha256", digest[7:]) \
-            if base.kind == "oci" else base.source
-        if not os.path.isfile(src):
+    if base.kind == "docker-archive":
+        member = desc.get(ARCHIVE_MEMBER)
+        if not member or not os.path.isfile(base.source):
             yield None
             return
-        with open(src, "rb") as f:
-            yield f
+        with tarfile.open(base.source, "r:*") as tf:
+            try:
+                yield tf.extractfile(member)  # type: ignore[misc]
+            except KeyError:
+                yield None
         return
-    member = desc.get(ARCHIVE_MEMBER)
-    if base.kind != "docker-archive" or not member or not os.path.isfile(base.source):
+    path = {"oci": os.path.join(base.source, "blobs", "sha256", digest[7:]),
+            "tarball": base.source,
+            "registry": os.path.join(kept, digest[7:])}.get(base.kind)
+    if path is None or not os.path.isfile(path):
         yield None
         return
-    with tarfile.open(base.source, "r:*") as tf:
-        try:
-            yield tf.extractfile(member)  # type: ignore[misc]
-        except KeyError:
-            yield None
+    with open(path, "rb") as f:
+        yield f
 
 
 def _hash_file(f: BinaryIO, out: BinaryIO | None = None) -> str:
@@ -317,7 +326,7 @@ def _hash_file(f: BinaryIO, out: BinaryIO | None = None) -> str:
     return "sha256:" + sha.hexdigest()
 
 
-def _copy_blob(layout: str, desc: dict, base: ImageRecord) -> None:
+def _copy_blob(layout: str, desc: dict, base: ImageRecord, kept: str) -> None:
     """Put a base layer's blob into layout, checked against its digest: a hard link
     to the source's file when it can be (no second copy), else one streamed copy."""
     digest = check_digest(desc.get("digest"), "base layer blob")
@@ -326,10 +335,12 @@ def _copy_blob(layout: str, desc: dict, base: ImageRecord) -> None:
         return
     tmp = f"{dst}.{secrets.token_hex(6)}.tmp"
     try:
-        with _base_blob(base, desc) as src:
+        with base_blob(base, desc, kept) as src:
             if src is None:
-                raise ImageError(f"base layer blob {digest} is in neither {layout} nor "
-                                 f"{base.source}, where the base image came from")
+                where = f"the store's kept blobs ({kept}); pull {base.source} again" \
+                    if base.kind == "registry" else \
+                    f"{base.source}, where the base image came from"
+                raise ImageError(f"base layer blob {digest} is in neither {layout} nor {where}")
             name = getattr(src, "name", None)
             linked = False
             if isinstance(name, str) and base.kind != "docker-archive":
@@ -410,11 +421,12 @@ def layer_into_layout(layout: str, path: str, digest: str) -> None:
 
 
 def commit_to_layout(spec: str, upper: str, lowers: list[str], base: ImageRecord | None,
-                     comment: str = "", compression: str | None = "gzip",
+                     kept: str, comment: str = "", compression: str | None = "gzip",
                      output: str | None = None) -> tuple[LayerInfo, str]:
     """Commit upper's changes as an image (base's layers + the new layer) tagged
     TAG in the OCI layout DIR (spec 'DIR:TAG').  The layer streams straight into
     the layout's blobs (and, with output, into that file, linked into the layout).
+    kept is the store's Store.blobs_dir, where a pulled base's blobs are.
     Returns the layer and the manifest digest."""
     layout, _ = split_ref(spec)
     with layout_lock(layout):
@@ -426,28 +438,18 @@ def commit_to_layout(spec: str, upper: str, lowers: list[str], base: ImageRecord
             layer = write_layer(upper, lowers, staging, compression)
             os.replace(staging, _blob_path(layout, layer.digest))
             layer.path = _blob_path(layout, layer.digest)
-        return layer, _add_image(spec, layer, base, comment)
+        return layer, _add_image(spec, layer, base, kept, comment)
 
 
-def append_image(spec: str, layer: LayerInfo, base: ImageRecord | None,
-                 comment: str = "") -> str:
-    """Add an image (base's layers + the layer file) to the OCI layout DIR, tagged
-    TAG, as spec 'DIR:TAG' says; creates the layout if needed.  Returns the
-    manifest digest."""
-    layout, _ = split_ref(spec)
-    with layout_lock(layout):
-        layer_into_layout(layout, layer.path, layer.digest)
-        return _add_image(spec, layer, base, comment)
-
-
-def _add_image(spec: str, layer: LayerInfo, base: ImageRecord | None, comment: str) -> str:
+def _add_image(spec: str, layer: LayerInfo, base: ImageRecord | None, kept: str,
+               comment: str) -> str:
     """Under the layout lock, with the layer's blob in place: config, manifest, index."""
     layout, tag = split_ref(spec)
     tag = tag or "latest"
     layers = []
     if base is not None:
         for d in base.manifest["layers"]:
-            _copy_blob(layout, d, base)
+            _copy_blob(layout, d, base, kept)
             layers.append({"mediaType": _oci_layer_type(d["mediaType"]),
                            "digest": d["digest"], "size": d.get("size") or os.path.getsize(
                                _blob_path(layout, d["digest"]))})

@@ -52,14 +52,15 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _mismatch(what: str, expected: str, got: str) -> ImageError:
+def mismatch(what: str, expected: str, got: str) -> ImageError:
+    """The error for data that does not hash to the digest that names it."""
     return ImageError(f"{what}: sha256 mismatch (expected {expected}, got {got}); "
                       "the image is corrupt or was tampered with")
 
 
 def verified_json(data: bytes, digest: str | None, what: str) -> dict:
     if digest is not None and sha256_digest(data) != digest:
-        raise _mismatch(what, digest, sha256_digest(data))
+        raise mismatch(what, digest, sha256_digest(data))
     try:
         value = json.loads(data)
     except ValueError as e:
@@ -153,15 +154,15 @@ class VerifiedLayerStream:
         """Hash the rest of the blob; raise if it is not the one the manifest names."""
         self.blob.drain()
         if self.layer.digest is not None and self.blob.digest != self.layer.digest:
-            raise _mismatch(self.layer.what, self.layer.digest, self.blob.digest)
+            raise mismatch(self.layer.what, self.layer.digest, self.blob.digest)
 
     def failed(self, e: BaseException) -> ImageError:
         """The error to report when unpacking broke: a corrupt blob shows up as
         a broken tar or stream, so name the digest mismatch if that is the cause."""
         try:
             self.check_blob()
-        except ImageError as mismatch:
-            return mismatch
+        except ImageError as wrong:
+            return wrong
         except Exception:  # an unreadable blob: report the first error
             pass
         if isinstance(e, ImageError):
@@ -181,7 +182,7 @@ class VerifiedLayerStream:
         """Read what the tar reader left, then check the blob and the diff_id."""
         self.drain()
         if self.tar.digest != self.layer.diff_id:
-            raise _mismatch(f"{self.layer.what} (uncompressed)", self.layer.diff_id,
+            raise mismatch(f"{self.layer.what} (uncompressed)", self.layer.diff_id,
                             self.tar.digest)
 
     def close(self) -> None:
@@ -191,8 +192,8 @@ class VerifiedLayerStream:
 @dataclass
 class ImageSource:
     """An image ready to import: its verified manifest and config, its layers."""
-    kind: str                       # "oci" or "docker-archive"
-    path: str
+    kind: str                       # "oci", "docker-archive", "tarball" or "registry"
+    path: str                       # where from: a file or dir; a pull's REGISTRY/REPO@DIGEST
     name: str                       # suggested store name
     manifest: dict
     config: bytes
@@ -226,14 +227,16 @@ def open_source(spec: str) -> ImageSource:
     raise ImageError(f"{spec}: no such image layout, archive or tarball")
 
 
-def _diff_ids(config: dict, n_layers: int, what: str) -> list[str]:
+def diff_ids(config: dict, n_layers: int, what: str) -> list[str]:
+    """An image config's rootfs.diff_ids, checked: one valid digest per layer."""
     ids = config.get("rootfs", {}).get("diff_ids")
     if not isinstance(ids, list) or len(ids) != n_layers:
         raise ImageError(f"{what}: rootfs.diff_ids does not list one id per layer")
     return [check_digest(d, f"{what} diff_id") for d in ids]
 
 
-def _host_platform() -> tuple[str, str]:
+def host_platform() -> tuple[str, str]:
+    """(os, architecture) of this host, as image configs and indexes name them."""
     machine = platform.machine().lower()
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
         machine, machine)
@@ -278,7 +281,7 @@ def _resolve_manifest(layout: str, desc: dict, what: str) -> tuple[dict, dict]:
         mt = desc.get("mediaType") or doc.get("mediaType")
         if mt not in (MT_OCI_INDEX, MT_DOCKER_LIST) and "manifests" not in doc:
             return desc, doc
-        os_, arch = _host_platform()
+        os_, arch = host_platform()
         hits = [d for d in doc.get("manifests", [])
                 if d.get("platform", {}).get("os", os_) == os_
                 and d.get("platform", {}).get("architecture", arch) == arch]
@@ -307,9 +310,9 @@ def _open_oci_layout(layout: str, tag: str | None) -> ImageSource:
         raise ImageError(f"{layout}: config blob {cdigest} is missing") from None
     config = verified_json(config_bytes, cdigest, f"config blob {cdigest}")
     ldescs = manifest.get("layers", [])
-    diff_ids = _diff_ids(config, len(ldescs), f"config blob {cdigest}")
+    ids = diff_ids(config, len(ldescs), f"config blob {cdigest}")
     layers = []
-    for ld, diff_id in zip(ldescs, diff_ids):
+    for ld, diff_id in zip(ldescs, ids):
         digest = check_digest(ld.get("digest"), f"{layout} layer")
         p = _blob_path(layout, digest)
         if not os.path.isfile(p):
@@ -372,12 +375,12 @@ def _docker_archive(tf: tarfile.TarFile, path: str, tag: str | None) -> ImageSou
     hexname = os.path.basename(cname).removesuffix(".json")
     cdigest = sha256_digest(config_bytes)
     if re.fullmatch(r"[0-9a-f]{64}", hexname) and cdigest != "sha256:" + hexname:
-        raise _mismatch(f"config {cname}", "sha256:" + hexname, cdigest)
+        raise mismatch(f"config {cname}", "sha256:" + hexname, cdigest)
     config = verified_json(config_bytes, None, f"config {cname}")
     lnames = entry.get("Layers", [])
-    diff_ids = _diff_ids(config, len(lnames), f"config {cname}")
+    ids = diff_ids(config, len(lnames), f"config {cname}")
     layers = []
-    for lname, diff_id in zip(lnames, diff_ids):
+    for lname, diff_id in zip(lnames, ids):
         base = os.path.basename(lname)
         digest = "sha256:" + base if re.fullmatch(r"[0-9a-f]{64}", base) else None
         try:
@@ -441,7 +444,7 @@ def _open_rootfs_tarball(path: str, tag: str | None) -> ImageSource:
     diff_id = tar.digest
     created = datetime.datetime.fromtimestamp(
         os.stat(path).st_mtime, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    os_, arch = _host_platform()
+    os_, arch = host_platform()
     config_bytes = json.dumps(
         {"architecture": arch, "os": os_, "created": created, "config": {},
          "rootfs": {"type": "layers", "diff_ids": [diff_id]},

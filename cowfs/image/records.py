@@ -122,8 +122,8 @@ class ImageRecord:
     """STORE/images/NAME.json."""
     name: str
     id: str                        # config digest
-    source: str
-    kind: str                      # "oci", "docker-archive", "tarball", or another ImageSource's
+    source: str                    # the layout, archive or tarball; a pull's REGISTRY/REPO@DIGEST
+    kind: str                      # "oci", "docker-archive", "tarball", "registry" (a pull)
     imported: str
     manifest: dict[str, Any]
     config: str

@@ -35,15 +35,15 @@ import httpx
 from tqdm import tqdm
 
 from ..overlay.params import UsageError
-from .commit import _base_blob
+from .commit import base_blob
 from .errors import ImageError
 from .oci import (ARCHIVE_MEMBER, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
                   MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST, ImageSource, LayerRef,
-                  _diff_ids, _host_platform, _mismatch, check_digest, sha256_digest,
-                  verified_json)
+                  check_digest, diff_ids, host_platform, mismatch, sha256_digest, verified_json)
 from .registry_auth import DOCKER_HUB, Challenge, Credentials, auth_files, find_credentials, \
     parse_www_authenticate
-from .store import Store, human_size
+from .records import ImageRecord, RecordError
+from .store import Store, chain_ids, human_size
 
 MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -142,11 +142,6 @@ def parse_platform(spec: str) -> Platform:
     return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
 
-def host_platform() -> Platform:
-    os_, arch = _host_platform()
-    return Platform(os_, arch)
-
-
 def _platform_of(desc: dict) -> Platform | None:
     p = desc.get("platform")
     if not isinstance(p, dict):
@@ -189,7 +184,7 @@ class BlobCache:
     """Verified blobs under STORE/blobs, and downloads in progress."""
 
     def __init__(self, store: Store) -> None:
-        self.dir = os.path.join(store.root, "blobs", "sha256")
+        self.dir = store.blobs_dir
         self.incoming_dir = os.path.join(store.root, "blobs", "incoming")
 
     def ensure(self) -> None:
@@ -271,14 +266,28 @@ class BlobCache:
         return gone
 
 
+def pulled_from(rec: ImageRecord) -> Reference | None:
+    """REGISTRY/REPO@MANIFEST-DIGEST a pulled image came from; None for an imported one."""
+    if rec.kind != "registry":
+        return None
+    try:
+        ref: Reference | None = parse_reference(rec.source)
+    except UsageError:
+        ref = None
+    if ref is None or ref.digest is None:
+        raise RecordError(f"image {rec.name}: source {rec.source!r} of a pulled image is "
+                          "not REGISTRY/REPO@DIGEST")
+    return ref
+
+
 def prune_blobs(store: Store) -> int:
     """Drop kept blobs that no image in the store uses (after `image rm`)."""
     keep: set[str] = set()
     for rec in store.images():
-        keep.add(rec["id"])
-        keep.update(d.get("digest", "") for d in rec["manifest"].get("layers", []))
-        if rec.get("kind") == "registry":
-            keep.add(rec["source"].rpartition("@")[2])
+        keep.add(rec.id)
+        keep.update(d.get("digest", "") for d in rec.manifest.get("layers", []))
+        if (src := pulled_from(rec)) is not None:
+            keep.add(src.reference)  # its manifest's digest
     with store.lock():
         return BlobCache(store).prune(keep)
 
@@ -366,14 +375,22 @@ class _Follower(io.RawIOBase):
             if a.error is not None:
                 raise ImageError(a.error)
             if self.fd is None:
-                try:
-                    self.fd = os.open(a.path or a.final, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:  # renamed into the cache meanwhile
-                    self.fd = os.open(a.final, os.O_RDONLY | os.O_CLOEXEC)
+                self.fd = self._open()
         data = os.pread(self.fd, len(b), self.pos)
         b[:len(data)] = data
         self.pos += len(data)
         return len(data)
+
+    def _open(self) -> int:
+        """The download's file, or the cached blob it was renamed to; neither
+        means the download failed (and discarded its file) before the first
+        read: its error, once it is told.  Called with the arrival's lock."""
+        a = self.arrival
+        for path in (a.path or a.final, a.final):
+            with contextlib.suppress(FileNotFoundError):
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        a.cond.wait_for(lambda: a.done)
+        raise ImageError(a.error or f"{a.final}: the download's file went missing")
 
     def close(self) -> None:
         if self.fd is not None:
@@ -555,7 +572,7 @@ class Registry:
         claimed = reference if reference.startswith("sha256:") else \
             resp.headers.get("docker-content-digest", "")
         if claimed.startswith("sha256:") and claimed != digest:
-            raise _mismatch(f"{what} manifest", claimed, digest)
+            raise mismatch(f"{what} manifest", claimed, digest)
         doc = verified_json(data, None, f"{what} manifest")
         if not doc.get("mediaType"):
             doc_type = resp.headers.get("content-type", "").split(";")[0].strip()
@@ -585,7 +602,7 @@ class Registry:
         if resp.status_code != 200:
             raise self.error(resp, what)
         if sha256_digest(resp.content) != digest:
-            raise _mismatch(what, digest, sha256_digest(resp.content))
+            raise mismatch(what, digest, sha256_digest(resp.content))
         return resp.content
 
     def fetch(self, repo: str, desc: Descriptor, cache: BlobCache, bar: tqdm,
@@ -654,8 +671,8 @@ class Registry:
                     resumed = False
                     continue
                 cache.discard(digest)
-                raise _mismatch(what, digest, got if offset == size
-                                else f"{offset} bytes of {size}")
+                raise mismatch(what, digest, got if offset == size
+                               else f"{offset} bytes of {size}")
             cache.finish(f, digest)
         return fetched
 
@@ -873,7 +890,7 @@ def _image_blobs(manifest: dict, what: str) -> tuple[Descriptor, list[Descriptor
 def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None,
          transport: httpx.BaseTransport | None = None) -> PullSummary:
     ref = parse_reference(spec)
-    want = opts.platform or host_platform()
+    want = opts.platform or Platform(*host_platform())
     cache = BlobCache(store)
     creds = find_credentials(ref.registry, ref.repository,
                              [opts.auth_file] if opts.auth_file else None)
@@ -883,10 +900,11 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
         cdesc, ldescs = _image_blobs(manifest, what)
         cdigest = cdesc.digest
         config = cache.read(cdigest) or reg.blob(ref.repository, cdigest, f"{what} config")
-        diff_ids = _diff_ids(verified_json(config, cdigest, f"{what} config"), len(ldescs),
-                             f"{what} config")
-        todo = list({d.digest: d for d, diff_id in zip(ldescs, diff_ids)
-                     if not store.has_layer(diff_id) and not cache.has(d.digest)}.values())
+        ids = diff_ids(verified_json(config, cdigest, f"{what} config"), len(ldescs),
+                       f"{what} config")
+        # A blob is needed only for a layer the store lacks over this very base.
+        todo = list({d.digest: d for d, cid in zip(ldescs, chain_ids(ids))
+                     if not store.has_layer(cid) and not cache.has(d.digest)}.values())
         summary = PullSummary(str(ref), name or str(ref), mdigest, cdigest, len(ldescs))
         progress = Progress(sum(d.size for d in todo), opts.progress, "pull")
         stop = threading.Event()
@@ -919,7 +937,7 @@ def pull(store: Store, spec: str, opts: RegistryOptions, name: str | None = None
             layers = [LayerRef(what=f"layer blob {d.digest}", diff_id=diff_id,
                                digest=d.digest, media_type=d.media_type, size=d.size,
                                opener=lambda g=d.digest: opener(g))
-                      for d, diff_id in zip(ldescs, diff_ids)]
+                      for d, diff_id in zip(ldescs, ids)]
             cache.put(mdata)  # kept, with the config, for a push of the same digests
             cache.put(config)
             src = ImageSource("registry", f"{ref.registry}/{ref.repository}@{mdigest}",
@@ -980,15 +998,15 @@ def _oci_manifest_bytes(layout: str, manifest: dict) -> bytes | None:
     return None
 
 
-def _push_manifest(rec: dict, cache: BlobCache) -> bytes:
+def _push_manifest(rec: ImageRecord, cache: BlobCache) -> bytes:
     """The image's manifest as pulled or imported, byte for byte when those bytes
     are still at hand (so the digest stays); else the stored record, written anew."""
-    manifest = rec["manifest"]
+    manifest = rec.manifest
     data: bytes | None = None
-    if rec.get("kind") == "registry":
-        data = cache.read(rec["source"].rpartition("@")[2])
-    elif rec.get("kind") == "oci":
-        data = _oci_manifest_bytes(rec["source"], manifest)
+    if (src := pulled_from(rec)) is not None:
+        data = cache.read(src.reference)
+    elif rec.kind == "oci":
+        data = _oci_manifest_bytes(rec.source, manifest)
     if data is not None and json.loads(data) == manifest:
         return data
     fresh = {**manifest, "mediaType": manifest.get("mediaType", MT_OCI_MANIFEST),
@@ -997,18 +1015,18 @@ def _push_manifest(rec: dict, cache: BlobCache) -> bytes:
     return json.dumps(fresh, separators=(",", ":")).encode()
 
 
-def _stage_blob(rec: dict, digest: str, cache: BlobCache) -> str:
+def _stage_blob(rec: ImageRecord, digest: str, cache: BlobCache) -> str:
     """The path of a layer blob in the cache, copied (and checked) from where the
     image was imported from if it is not there yet."""
     if cache.has(digest):
         return cache.path(digest)
     # the stored descriptor: an archive import notes the blob's member name there
-    desc = next((d for d in rec["manifest"].get("layers", []) if d.get("digest") == digest),
+    desc = next((d for d in rec.manifest.get("layers", []) if d.get("digest") == digest),
                 {"digest": digest})
-    with _base_blob(rec, desc) as src, cache.incoming(digest) as f:
+    with base_blob(rec, desc, cache.dir) as src, cache.incoming(digest) as f:
         if src is None:
-            raise ImageError(f"layer blob {digest} of {rec['name']} is not kept in the store "
-                             f"and not at {rec.get('source')} any more; pull or import the "
+            raise ImageError(f"layer blob {digest} of {rec.name} is not kept in the store "
+                             f"and not at {rec.source} any more; pull or import the "
                              "image again to push it")
         f.seek(0)
         f.truncate()
@@ -1018,8 +1036,8 @@ def _stage_blob(rec: dict, digest: str, cache: BlobCache) -> str:
             f.write(chunk)
         if "sha256:" + sha.hexdigest() != digest:
             cache.discard(digest)
-            raise _mismatch(f"layer blob {digest} at {rec.get('source')}", digest,
-                            "sha256:" + sha.hexdigest())
+            raise mismatch(f"layer blob {digest} at {rec.source}", digest,
+                           "sha256:" + sha.hexdigest())
         cache.finish(f, digest)
     return cache.path(digest)
 
@@ -1031,18 +1049,17 @@ def push(store: Store, image: str, spec: str, opts: RegistryOptions,
     cache = BlobCache(store)
     data = _push_manifest(rec, cache)
     manifest = json.loads(data)
-    cdesc, ldescs = _image_blobs(manifest, rec["name"])
-    config = rec["config"].encode()
+    cdesc, ldescs = _image_blobs(manifest, rec.name)
+    config = rec.config.encode()
     if sha256_digest(config) != cdesc.digest:
-        raise _mismatch(f"{rec['name']} config", cdesc.digest, sha256_digest(config))
+        raise mismatch(f"{rec.name} config", cdesc.digest, sha256_digest(config))
     paths = {cdesc.digest: cache.path(cache.put(config))}
     for d in ldescs:
         paths.setdefault(d.digest, _stage_blob(rec, d.digest, cache))
     mount_from = None
-    if rec.get("kind") == "registry":
-        src = parse_reference(rec["source"])
-        if src.registry == ref.registry and src.repository != ref.repository:
-            mount_from = src.repository
+    src = pulled_from(rec)
+    if src is not None and src.registry == ref.registry and src.repository != ref.repository:
+        mount_from = src.repository
     creds = find_credentials(ref.registry, ref.repository,
                              [opts.auth_file] if opts.auth_file else None)
     summary = PushSummary(str(ref), sha256_digest(data))

@@ -5,6 +5,8 @@
     STORE/images/NAME.json        an image: manifest, config, diff_ids, chain IDs
     STORE/containers/ID/          an image mount's upper and work dirs and record
     STORE/snapshots/ID/           a snapshot of cowfs.snapshot (record, fs/, work/)
+    STORE/blobs/sha256/HEX        blobs a pull keeps (cowfs.image.registry): its manifest,
+                                  config and layer blobs, for push and commit --image
     STORE/tmp/                    layers being unpacked; renamed into layers/ whole
     STORE/lock                    flock: import, mount, rm and prune take turns
 
@@ -22,7 +24,6 @@ holds (cowfs.state), not by reading mountinfo.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import fcntl
 import hashlib
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from .. import state
+from ..overlay import layers
 from .errors import ImageError
 from .merged import Stack
 from .oci import DECODE_ERRORS, ImageSource, LayerRef, VerifiedLayerStream, split_ref
@@ -45,7 +47,6 @@ from .records import (ContainerRecord, ImageRecord, LayerRecord, RecordError, Sn
 from .unpack import Unpacker
 
 STORE_ENV = "COWFS_STORE"
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def default_store() -> str:
@@ -78,9 +79,7 @@ def syncfs(path: str) -> None:
     """Flush the whole filesystem holding path: a layer is on disk before it is published."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+        layers.syncfs(fd)
     finally:
         os.close(fd)
 
@@ -133,6 +132,7 @@ class Store:
         self.containers_dir = os.path.join(self.root, "containers")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         self.tmp_dir = os.path.join(self.root, "tmp")
+        self.blobs_dir = os.path.join(self.root, "blobs", "sha256")
 
     def ensure(self) -> None:
         # Layers hold setuid binaries and device nodes: only the owner may reach them.

@@ -10,11 +10,15 @@ first data write, in place, before the mark is removed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import itertools
 import os
+import shutil
 import stat
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 
@@ -28,6 +32,19 @@ if TYPE_CHECKING:
 
 FICLONE = 0x40049409
 CHUNK = 1 << 30
+# For tests only: with COWFS_TEST_PAUSE=PATH, every file copy-up whose data is
+# copied but not yet installed creates PATH.N (N counts copy-ups) and waits
+# while it exists, so a test can kill the daemon or race it at that point.
+_PAUSE = os.environ.get("COWFS_TEST_PAUSE")
+_pauses = itertools.count()
+
+
+def _test_pause(path: str) -> None:
+    marker = f"{path}.{next(_pauses)}"
+    with open(marker, "w"):
+        pass
+    while os.path.exists(marker):
+        time.sleep(0.01)
 
 
 def copy_data(src: int, dst: int, size: int) -> None:
@@ -69,7 +86,7 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         off += n
 
 
-def _copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
+def copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
                fd: int | None, dir_fd: int, name: bytes) -> None:
     """Owner, mode, xattrs and times of st onto the new entry (by fd or by name)."""
     if fd is not None:
@@ -85,9 +102,11 @@ def _copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
         try:
             os.setxattr(path, key, value, follow_symlinks=isinstance(path, int))
         except OSError as e:
-            # Some filesystems refuse some namespaces (e.g. user. on symlinks).
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
+            # As overlayfs: only an xattr the upper filesystem does not support,
+            # and that no access check uses, may be left behind.
+            if e.errno != errno.EOPNOTSUPP or must_copy_xattr(key):
+                raise OSError(e.errno, f"copy-up cannot keep xattr {key}: "
+                              f"{os.strerror(e.errno)}") from e
     if fd is not None:
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:
@@ -95,30 +114,59 @@ def _copy_meta(ov: Overlay, st: os.stat_result, xattrs: dict[str, bytes],
                  follow_symlinks=False)
 
 
+def must_copy_xattr(name: str) -> bool:
+    """xattrs that permission checks read (overlayfs' ovl_must_copy_xattr)."""
+    return name in ("system.posix_acl_access", "system.posix_acl_default") \
+        or name.startswith("security.")
+
+
+@contextlib.contextmanager
+def _building(ov: Overlay) -> Iterator[bytes]:
+    """A fresh name in work/ for a copy under construction; whatever is there
+    when the copy fails is removed at once (a partial copy that hit ENOSPC
+    must not keep the space)."""
+    tmp = ov.tmp_name()
+    try:
+        yield tmp
+    except BaseException:
+        _discard(ov, tmp)
+        raise
+
+
+def _discard(ov: Overlay, tmp: bytes) -> None:
+    st = lstat_or_none(ov.work_fd, tmp)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(tmp, dir_fd=ov.work_fd)
+    else:
+        os.unlink(tmp, dir_fd=ov.work_fd)
+
+
 def _install(ov: Overlay, node: Node, tmp: bytes) -> None:
     """Rename the finished copy into place and make node an upper node."""
     assert node.parent is not None
     if node.unlinked:
         # Deleted while its data was being copied (unlink takes no copy lock):
-        # installing the copy now would bring it back.
-        if stat.S_ISDIR(lstat_at(ov.work_fd, tmp).st_mode):
-            os.rmdir(tmp, dir_fd=ov.work_fd)
-        else:
-            os.unlink(tmp, dir_fd=ov.work_fd)
+        # installing the copy now would bring it back (_building removes it).
         raise OSError(errno.ENOENT, "deleted during copy-up")
-    if node.layer != 0 and not node.is_dir:
-        lower_st = lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name)
-        node.extra_links = lower_st.st_nlink - 1
     pfd = ov.table.dir_fd(node.parent, 0)
     pst = os.fstat(pfd)
     os.rename(tmp, node.name, src_dir_fd=ov.work_fd, dst_dir_fd=pfd)
     # A copy-up changes nothing a program could see in the parent: keep its times
     # (as overlayfs does), or the upper dir would show the parent as modified.
     os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-    ov.numbers.keep(lstat_at(pfd, node.name), node.ino)
+    upper_st = lstat_at(pfd, node.name)
+    renumbered = node.key != node.ino
+    if renumbered:
+        # One name of a lower hard link: a file of its own now (index=off).
+        ov.table.renumber(node, ov.numbers.number(upper_st))
+    else:
+        ov.numbers.keep(upper_st, node.ino)
     node.layer = 0
     node.attr = None
     node.gen += 1
+    ov.copied_up(node, renumbered)
 
 
 def ensure_upper_dir(ov: Overlay, node: Node) -> None:
@@ -127,18 +175,27 @@ def ensure_upper_dir(ov: Overlay, node: Node) -> None:
     Every change to a directory's names starts here, so this is also where its
     cached listing is dropped."""
     node.listing = None
-    if node.layer == 0:
-        return
+    missing: list[Node] = []
+    n: Node | None = node
+    while n is not None and n.layer != 0:   # (a loop: trees may be deep)
+        missing.append(n)
+        n = n.parent
+    for n in reversed(missing):
+        _copy_up_dir(ov, n)
+
+
+def _copy_up_dir(ov: Overlay, node: Node) -> None:
+    """Copy up one directory whose parent is in the upper layer already."""
     assert node.parent is not None
     ensure_upper_dir(ov, node.parent)
     t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
     xattrs = public_xattrs(src_fd, node.name)
-    tmp = ov.tmp_name()
-    os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
-    _copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
-    _install(ov, node, tmp)
+    with _building(ov) as tmp:
+        os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
+        copy_meta(ov, st, xattrs, None, ov.work_fd, tmp)
+        _install(ov, node, tmp)
     # Moving a directory rewrites its "..": its times are set once it is in place.
     os.utime(node.name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=ov.table.dir_fd(node.parent, 0),
              follow_symlinks=False)
@@ -179,20 +236,20 @@ def _copy_up_special(ov: Overlay, node: Node) -> None:
     t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_fd = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_fd, node.name)
-    tmp = ov.tmp_name()
-    if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(node.name, dir_fd=src_fd), tmp, dir_fd=ov.work_fd)
-    else:
-        os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ov.work_fd)
-    _copy_meta(ov, st, public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
-    _install(ov, node, tmp)
+    with _building(ov) as tmp:
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(node.name, dir_fd=src_fd), tmp, dir_fd=ov.work_fd)
+        else:
+            os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=ov.work_fd)
+        copy_meta(ov, st, public_xattrs(src_fd, node.name), None, ov.work_fd, tmp)
+        _install(ov, node, tmp)
     node.lower_layer = None
     ov.events.copied_up(node, src_layer, 0, False, t0)
 
 
-def _new_tmp_file(ov: Overlay) -> tuple[bytes, int]:
-    tmp = ov.tmp_name()
-    return tmp, open_file_at(ov.work_fd, tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+def _new_tmp_file(ov: Overlay, tmp: bytes) -> int:
+    return ov.table.opening(open_file_at, ov.work_fd, tmp,
+                            os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
 
 
 def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
@@ -200,22 +257,25 @@ def _copy_up_file(ov: Overlay, node: Node, truncate: bool) -> None:
     t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_dir = ov.table.dir_fd(node.parent, node.layer)
     # A lower metacopy file's data is further down (open_lower_data finds it).
-    src = open_lower_data(ov, node)
+    src = ov.table.opening(open_lower_data, ov, node)
     try:
         st = lstat_at(src_dir, node.name)
         xattrs = public_xattrs(src_dir, node.name)
-        tmp, dst = _new_tmp_file(ov)
-        try:
-            if not truncate:
-                ov.unlocked(copy_data, src, dst, st.st_size)
-            _copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
-            if not ov.volatile:
-                ov.unlocked(os.fsync, dst)
-        finally:
-            os.close(dst)
+        with _building(ov) as tmp:
+            dst = _new_tmp_file(ov, tmp)
+            try:
+                if not truncate:
+                    ov.unlocked(copy_data, src, dst, st.st_size)
+                if _PAUSE:
+                    ov.unlocked(_test_pause, _PAUSE)
+                copy_meta(ov, st, xattrs, dst, ov.work_fd, tmp)
+                if not ov.volatile:
+                    ov.unlocked(os.fsync, dst)
+            finally:
+                os.close(dst)
+            _install(ov, node, tmp)
     finally:
         os.close(src)
-    _install(ov, node, tmp)
     node.lower_layer = None
     node.redirect = None
     ov.events.copied_up(node, src_layer, 0 if truncate else st.st_size, False, t0)
@@ -227,14 +287,15 @@ def _copy_up_meta(ov: Overlay, node: Node) -> None:
     t0, src_layer = time.perf_counter_ns(), node.layer  # for the copy-up event
     src_dir = ov.table.dir_fd(node.parent, node.layer)
     st = lstat_at(src_dir, node.name)
-    tmp, dst = _new_tmp_file(ov)
-    try:
-        os.ftruncate(dst, st.st_size)
-        os.setxattr(dst, ov.fmt.xattr("metacopy"), b"")
-        _copy_meta(ov, st, public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
-    finally:
-        os.close(dst)
-    _install(ov, node, tmp)
+    with _building(ov) as tmp:
+        dst = _new_tmp_file(ov, tmp)
+        try:
+            os.ftruncate(dst, st.st_size)
+            os.setxattr(dst, ov.fmt.xattr("metacopy"), b"")
+            copy_meta(ov, st, public_xattrs(src_dir, node.name), dst, ov.work_fd, tmp)
+        finally:
+            os.close(dst)
+        _install(ov, node, tmp)
     node.metacopy = True
     node.lower_layer = node.lower_layer or node.layer
     ov.events.copied_up(node, src_layer, 0, True, t0)
@@ -253,7 +314,14 @@ def _copy_up_data(ov: Overlay, node: Node, truncate: bool) -> None:
             if truncate:
                 os.ftruncate(dst, 0)
             else:
-                ov.unlocked(copy_data, src, dst, st.st_size)
+                try:
+                    ov.unlocked(copy_data, src, dst, st.st_size)
+                except BaseException:
+                    # Still a placeholder: give back the space of the partial data.
+                    os.ftruncate(dst, 0)
+                    os.ftruncate(dst, st.st_size)
+                    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    raise
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             if not ov.volatile:
                 ov.unlocked(os.fsync, dst)
@@ -311,24 +379,6 @@ def open_lower_data(ov: Overlay, node: Node) -> int:
         return open_file_at(dfd, node.redirect[-1], os.O_RDONLY)
     finally:
         os.close(dfd)
-
-
-def link_up(ov: Overlay, node: Node, parent: Node, name: bytes) -> None:
-    """Give another lower name of a copied-up hard link its upper entry, linked to
-    the copy (as overlayfs with index=on does), before that name is changed."""
-    if node.layer != 0 or node.is_dir or (node.parent is parent and node.name == name):
-        return
-    assert node.parent is not None
-    ensure_upper_dir(ov, parent)
-    ufd = ov.table.dir_fd(parent, 0)
-    if lstat_or_none(ufd, name) is not None:
-        return
-    os.link(node.name, name, src_dir_fd=ov.table.dir_fd(node.parent, 0), dst_dir_fd=ufd,
-            follow_symlinks=False)
-    node.extra_links = max(0, node.extra_links - 1)
-    if node.links is None:
-        node.links = [(node.parent, node.name)]
-    node.links.append((parent, name))
 
 
 def replace_with(ov: Overlay, dir_fd: int, name: bytes, tmp: bytes) -> None:

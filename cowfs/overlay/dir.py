@@ -14,15 +14,15 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
-from .copy_up import copy_up, ensure_upper_dir, link_up, replace_with
+from .copy_up import copy_meta, copy_up, ensure_upper_dir, replace_with
 from .file import Handle, attach
 from .inode import upper_dir_fd, upper_ref
 from .inodes import Node
 from .layers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, lstat_at,
                      lstat_or_none, make_whiteout, open_file_at, renameat2, xattr_path)
 from .format import (NAME_MAX, WH_PREFIX, has_oci_whiteout, is_reserved_name, is_whiteout_stat,
-                     whited_out_at)
-from .namei import freeze_paths, lookup, lower_entry, lower_path
+                     public_xattrs, whited_out_at)
+from .namei import freeze_paths, lookup, lower_entry, lower_path, upper_node
 from .readdir import merged_names
 
 if TYPE_CHECKING:
@@ -84,10 +84,16 @@ def _place(ov: Overlay, ufd: int, name: bytes, covered: bool, make) -> None:
         replace_with(ov, ufd, name, tmp)
 
 
-def _new_node(ov: Overlay, parent: Node, name: bytes) -> Node:
-    node = lookup(ov, parent, name)
-    if node is None:
-        raise OSError(errno.EIO, "created entry vanished")
+def _new_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result | None = None) -> Node:
+    """The node of an entry just made at parent/name (st: its stat, if known:
+    what was just made needs no classifying)."""
+    if st is not None:
+        node = upper_node(ov, parent, name, st, ov.table.dir_fd(parent, 0))
+    else:
+        found = lookup(ov, parent, name)
+        if found is None:
+            raise OSError(errno.EIO, "created entry vanished")
+        node = found
     ov.events.created(node)
     return node
 
@@ -106,7 +112,8 @@ def create(ov: Overlay, parent: Node, name: bytes, mode: int, flags: int,
             os.fchmod(fd, stat.S_IMODE(mode))   # chown cleared them
 
     _place(ov, ufd, name, covered, make)
-    node = _new_node(ov, parent, name)
+    node = _new_node(ov, parent, name, os.fstat(fds[0]))
+    node.no_caps = True     # (a new file has no security.capability)
     return attach(node, fds[0]), node
 
 
@@ -301,8 +308,6 @@ def unlink(ov: Overlay, parent: Node, name: bytes) -> None:
                 _whiteout(ov, ufd, name)
     else:
         _whiteout(ov, ufd, name)
-        if node.layer == 0 and node.extra_links:
-            node.extra_links -= 1   # a lower-only name of a copied-up hard link
     if in_lower or st is None:   # every branch above left a whiteout then
         ov.events.whiteout(parent, name)
     _detach(node, parent, name)
@@ -458,19 +463,16 @@ def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
             raise OSError(errno.ENOTEMPTY, "directory not empty")
     moves = (old_parent, old_name) != (new_parent, new_name)
     src_lower = lower_entry(ov, old_parent, old_name) is not None
-    dst_lower = lower_entry(ov, new_parent, new_name) is not None
     mark = None
     if src.is_dir:
         mark = _prepare_moved_dir(ov, src, new_parent, moves, old_parent is new_parent)
     else:
         copy_up(ov, src)
-        link_up(ov, src, old_parent, old_name)
     if exchange and dst is not None:
         if dst.is_dir:
             _prepare_moved_dir(ov, dst, old_parent, moves, old_parent is new_parent)
         else:
             copy_up(ov, dst)
-            link_up(ov, dst, new_parent, new_name)
     ensure_upper_dir(ov, old_parent)
     ensure_upper_dir(ov, new_parent)
     ofd = ov.table.dir_fd(old_parent, 0)
@@ -481,16 +483,26 @@ def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
         _moved(dst, new_parent, new_name, old_parent, old_name)
     else:
         dst_st = _upper_entry(nfd, new_name)
+        # Failure-atomic, as overlayfs: prepare only what nothing shows (the
+        # replaced file's orphan name, an emptied replaced directory), then one
+        # rename makes the change.
+        orphan = None
         if dst is not None and _keep_as_orphan(ov, dst, dst_st):
-            _orphan(ov, dst, nfd, new_name, dst_lower)
+            orphan = b"#orphan-%d" % dst.ino
+            os.link(new_name, orphan, src_dir_fd=nfd, dst_dir_fd=ov.work_fd,
+                    follow_symlinks=False)
+        try:
+            if dst is not None and dst.is_dir and dst.layer == 0:
+                _empty_upper_dir(ov, dst, nfd, new_name)
+            _move(ov, ofd, old_name, nfd, new_name, src_lower)
+        except BaseException:
+            if orphan is not None:
+                os.unlink(orphan, dir_fd=ov.work_fd)
+            raise
+        if orphan is not None:
+            dst.orphan = orphan   # type: ignore[union-attr]
         else:
             _forget_upper(ov, dst_st)
-        if dst is not None and dst.is_dir and dst.layer == 0:
-            # The replaced directory is empty in the merged view but may hold whiteouts.
-            tmp = ov.tmp_name()
-            os.rename(new_name, tmp, src_dir_fd=nfd, dst_dir_fd=ov.work_fd)
-            _clear_upper_dir(ov, tmp)
-        _move(ov, ofd, old_name, nfd, new_name, src_lower)
         if src_lower:
             ov.events.whiteout(old_parent, old_name)
         if dst is not None:
@@ -502,6 +514,27 @@ def rename(ov: Overlay, old_parent: Node, old_name: bytes, new_parent: Node,
         ov.events.opaque(new_parent, new_name)
     elif mark is not None:
         ov.events.redirect(src, mark)
+
+
+def _empty_upper_dir(ov: Overlay, node: Node, dfd: int, name: bytes) -> None:
+    """Swap an upper directory that is empty in the merged view but holds
+    whiteouts for a really empty one (same owner, mode, times; opaque where
+    lower layers are below), which a rename can replace in one step."""
+    with os.scandir(ov.table.dir_fd(node, 0)) as it:
+        if next(it, None) is None:
+            return
+    st = lstat_at(dfd, name)
+    tmp = ov.tmp_name()
+    os.mkdir(tmp, 0o700, dir_fd=ov.work_fd)
+    try:
+        if any(k != 0 for k in node.layers):
+            os.setxattr(xattr_path(ov.work_fd, tmp), ov.fmt.xattr("opaque"),
+                        b"y", follow_symlinks=False)
+        copy_meta(ov, st, public_xattrs(dfd, name), None, ov.work_fd, tmp)
+        renameat2(ov.work_fd, tmp, dfd, name, RENAME_EXCHANGE)
+    finally:
+        _clear_upper_dir(ov, tmp)
+    ov.table.close_fds(node)
 
 
 def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
@@ -518,6 +551,16 @@ def _move(ov: Overlay, ofd: int, old: bytes, nfd: int, new: bytes,
     if has_oci_whiteout(nfd, new):
         os.unlink(WH_PREFIX + new, dir_fd=nfd)
     if leave_whiteout and _rename_whiteout(ov, ofd, old, nfd, new):
+        return
+    if leave_whiteout and ov.wh_fallback:
+        # .wh.NAME beside NAME hides nothing until NAME goes: made first, the
+        # rename is still the one step that changes the merged view.
+        os.close(open_file_at(ofd, WH_PREFIX + old, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        try:
+            os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
+        except BaseException:
+            os.unlink(WH_PREFIX + old, dir_fd=ofd)
+            raise
         return
     os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
     if leave_whiteout:

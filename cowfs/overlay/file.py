@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .copy_up import copy_up, open_lower_data
 from .inode import check_write_open, upper_ref
 from .inodes import Node
+from . import layers
 from .layers import open_file_at
 
 if TYPE_CHECKING:
@@ -37,8 +38,8 @@ def open_real(ov: Overlay, node: Node, writable: bool, trunc: bool = False,
             | (os.O_APPEND if append else 0)
         # (a deleted file is reached as its orphan, never by a name that may
         # already stand for a whiteout or another file)
-        return open_file_at(*upper_ref(ov, node), flags)
-    return open_lower_data(ov, node)
+        return ov.table.opening(open_file_at, *upper_ref(ov, node), flags)
+    return ov.table.opening(open_lower_data, ov, node)
 
 
 def open_file(ov: Overlay, node: Node, flags: int) -> Handle:
@@ -84,7 +85,30 @@ def write(ov: Overlay, h: Handle, off: int, data: bytes) -> int:
 
 def fsync(ov: Overlay, h: Handle, datasync: bool) -> None:
     if h.writable and not ov.volatile:
-        (os.fdatasync if datasync else os.fsync)(h.fd)
+        ov.unlocked(os.fdatasync if datasync else os.fsync, h.fd)
+
+
+def _writable(h: Handle) -> None:
+    if not h.writable:
+        raise OSError(errno.EBADF, "not open for writing")
+
+
+def fallocate(ov: Overlay, h: Handle, mode: int, offset: int, length: int) -> None:
+    _writable(h)
+    ov.unlocked(layers.fallocate, h.fd, mode, offset, length)
+
+
+def copy_range(ov: Overlay, src: Handle, src_off: int, dst: Handle, dst_off: int,
+               length: int) -> int:
+    """copy_file_range between the real files: a reflink or an in-kernel copy
+    where their filesystems can."""
+    _writable(dst)
+    return ov.unlocked(os.copy_file_range, src.fd, dst.fd, length, src_off, dst_off)
+
+
+def syncfs(ov: Overlay) -> None:
+    if ov.upper is not None and not ov.volatile:
+        ov.unlocked(layers.syncfs, ov.upper.fd)
 
 
 def release(h: Handle) -> None:

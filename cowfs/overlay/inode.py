@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 from .copy_up import copy_up
 from .inodes import Node
 from .layers import (FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR,
-                     FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, inode_flags, lstat_at, open_file_at)
-from .namei import lower_index
+                     FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, inode_flags, lstat_at, open_file_at, statx_at)
 
 if TYPE_CHECKING:
     from .super import Overlay
@@ -30,10 +29,9 @@ def upper_ref(ov: Overlay, node: Node) -> tuple[int, bytes]:
 
 
 def is_merged(ov: Overlay, node: Node) -> bool:
-    """A directory that more than one layer contributes to (opaque ones cut the
-    list, which is known once its lower index is built)."""
-    if len(node.layers) > 1 and node.index is None:
-        lower_index(ov, node)
+    """A directory that more than one layer contributes to.  Known without
+    reading the directory, as overlayfs knows it at lookup: its layers were
+    settled when its node was made (namei), an opaque layer ending them."""
     return len(node.layers) > 1
 
 
@@ -45,6 +43,26 @@ def getattr_(ov: Overlay, node: Node) -> os.stat_result:
         return lstat_at(ov.table.dir_fd(node.parent, node.layer), node.name)
     dir_fd, name = upper_ref(ov, node)
     return lstat_at(dir_fd, name)
+
+
+def shown_nlink(ov: Overlay, node: Node, real: int) -> int:
+    """The link count programs see, from the real entry's."""
+    if node.unlinked:
+        return 0     # (an orphan's real link is work/'s, not a name)
+    if node.is_dir and is_merged(ov, node):
+        # A merged directory's link count is unknowable without reading every
+        # layer; like overlayfs, report 1 ("not counted": find and fts cope).
+        return 1
+    return real
+
+
+def statx_(ov: Overlay, node: Node, mask: int) -> bytearray:
+    """The struct statx of the entry that holds node now (for its birth time)."""
+    if node.parent is None:
+        return statx_at(ov.layers[node.layer].fd, b"", mask)  # type: ignore[union-attr]
+    if node.layer != 0:
+        return statx_at(ov.table.dir_fd(node.parent, node.layer), node.name, mask)
+    return statx_at(*upper_ref(ov, node), mask)
 
 
 def setattr_(ov: Overlay, node: Node, *, mode: int | None = None,

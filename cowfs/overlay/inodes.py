@@ -7,10 +7,12 @@ life of the mount, the same for hard links, and kept across copy-up.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .layers import open_dir_at, walk_dirs
 
@@ -18,13 +20,17 @@ if TYPE_CHECKING:
     from .super import Overlay
 
 ROOT_INO = 1
+# Directory fds kept when the fd limit is hit: more than one operation uses.
+KEEP_ON_EMFILE = 16
+T = TypeVar("T")
 _NO_FDS: dict[int, int] = {}
 
 
 class Node:
     __slots__ = ("ino", "parent", "name", "mode", "layer", "lower_layer", "layers",
                  "redirect", "paths", "fds", "index", "gen", "metacopy",
-                 "unlinked", "orphan", "no_caps", "attr", "listing", "extra_links", "links")
+                 "unlinked", "orphan", "no_caps", "attr", "listing", "links", "key",
+                 "upper_wh")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, mode: int,
                  layer: int, lower_layer: int | None, layers: tuple[int, ...] = ()) -> None:
@@ -53,11 +59,13 @@ class Node:
         # Known to have no security.capability: the kernel asks before every write.
         self.no_caps = False
         self.listing: list[bytes] | None = None  # directories: merged names, cached
-        # Names of a copied-up lower hard link still only in the lower layer: they
-        # count in st_nlink, and are linked up when they are renamed.
-        self.extra_links = 0
+        # directories: does the upper copy hold OCI `.wh.` names (None: not scanned)
+        self.upper_wh: bool | None = None
         # Every upper name of a file that has several (parent, name): set by link().
         self.links: list[tuple[Node, bytes]] | None = None
+        # Its key in the inode table: the number, or (parent, name) for one name
+        # of a lower hard link until copy-up (namei.link_key).
+        self.key: int | tuple[int, bytes] = ino
 
     @property
     def is_dir(self) -> bool:
@@ -110,22 +118,27 @@ class InodeTable:
 
     def __init__(self, ov: Overlay, fd_budget: int) -> None:
         self.ov = ov
-        self.nodes: dict[int, Node] = {}
+        self.nodes: dict[int | tuple[int, bytes], Node] = {}
         self._fd_lru: OrderedDict[int, Node] = OrderedDict()
         self._fd_count = 0
         self._fd_budget = fd_budget
 
-    def get(self, ino: int) -> Node:
-        return self.nodes[ino]
-
     def add(self, node: Node) -> None:
-        self.nodes[node.ino] = node
+        self.nodes[node.key] = node
+
+    def renumber(self, node: Node, ino: int) -> None:
+        """node is a file of its own now, under a new number (a lower hard link
+        broken by copy-up shows its upper inode, as in overlayfs)."""
+        if self.nodes.get(node.key) is node:
+            del self.nodes[node.key]
+        node.ino = node.key = ino
+        self.nodes[ino] = node
 
     def drop(self, node: Node) -> None:
         """Nobody holds node any more: forget it, and delete it if it is an orphan."""
-        if node.ino == ROOT_INO or self.nodes.get(node.ino) is not node:
+        if node.ino == ROOT_INO or self.nodes.get(node.key) is not node:
             return
-        del self.nodes[node.ino]
+        del self.nodes[node.key]
         self.close_fds(node)
         if node.orphan is not None:
             self.ov.numbers.forget(os.stat(node.orphan, dir_fd=self.ov.work_fd,
@@ -135,26 +148,51 @@ class InodeTable:
             self.ov.events.orphan(node, kept=False)
 
     def dir_fd(self, node: Node, layer: int) -> int:
-        """The fd of node's directory in one layer, opened without following links."""
+        """The fd of node's directory in one layer, opened without following links.
+
+        Opened from the nearest ancestor whose fd is cached, in a loop (trees may
+        be deeper than Python's recursion limit)."""
         fd = node.fds.get(layer)
         if fd is not None:
-            if len(self._fd_lru) > 64:
-                self._fd_lru.move_to_end(node.ino)
+            self._fd_lru.move_to_end(node.ino)
             return fd
-        if node.parent is None:
-            fd = os.dup(self.ov.layers[layer].fd)
-        elif node.paths and layer in node.paths:
-            fd = walk_dirs(self.ov.layers[layer].fd, node.paths[layer])
-            if fd is None:
-                raise FileNotFoundError(f"redirected directory gone in layer {layer}")
-        else:
-            fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
+        chain: list[Node] = []
+        n = node
+        while n.fds.get(layer) is None and n.parent is not None \
+                and not (n.paths and layer in n.paths):
+            chain.append(n)
+            n = n.parent
+        if n.fds.get(layer) is None:
+            if n.parent is None:
+                self._cache(n, layer, self.opening(os.dup, self.ov.layers[layer].fd))
+            else:
+                found = self.opening(walk_dirs, self.ov.layers[layer].fd, n.paths[layer])
+                if found is None:
+                    raise FileNotFoundError(f"redirected directory gone in layer {layer}")
+                self._cache(n, layer, found)
+        for child in reversed(chain):
+            self._cache(child, layer, self.opening(open_dir_at, n.fds[layer], child.name))
+            n = child
+        if self._fd_count > self._fd_budget:
+            self._evict(self._fd_budget * 3 // 4)
+        return node.fds[layer]
+
+    def _cache(self, node: Node, layer: int, fd: int) -> None:
         node.fds[layer] = fd
         self._fd_count += 1
         self._fd_lru[node.ino] = node
-        if self._fd_count > self._fd_budget:
-            self._evict()
-        return fd
+        self._fd_lru.move_to_end(node.ino)
+
+    def opening(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) that opens an fd; on EMFILE (open files of callers filling the
+        limit), close all but the most recently used directory fds and retry once."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                raise
+        self._evict(KEEP_ON_EMFILE)
+        return fn(*args)
 
     def drop_fd(self, node: Node, layer: int) -> None:
         os.close(node.fds.pop(layer))
@@ -168,8 +206,10 @@ class InodeTable:
             node.fds = {}
         self._fd_lru.pop(node.ino, None)
 
-    def _evict(self) -> None:
-        while self._fd_count > self._fd_budget * 3 // 4 and self._fd_lru:
+    def _evict(self, keep: int) -> None:
+        """Close the least recently used directory fds until at most keep are
+        cached (the ones an operation in progress uses are the most recent)."""
+        while self._fd_count > keep and self._fd_lru:
             _, node = self._fd_lru.popitem(last=False)
             if node.ino == ROOT_INO:
                 continue

@@ -90,13 +90,42 @@ RENAME_WHITEOUT = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                        ctypes.c_char_p]
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+STATX_SIZE = 256
+
+
+def _check(ret: int, *names: bytes) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), *names)
 
 
 def renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
     """renameat(2) with flags (RENAME_EXCHANGE, RENAME_WHITEOUT...), names in one dir fd each."""
-    if _libc.renameat2(old_fd, old, new_fd, new, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), old, None, new)
+    _check(_libc.renameat2(old_fd, old, new_fd, new, flags), old, None, new)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its modes (keep size, punch hole, zero range...)."""
+    _check(_libc.fallocate(fd, mode, offset, length))
+
+
+def syncfs(fd: int) -> None:
+    _check(_libc.syncfs(fd))
+
+
+def statx_at(dir_fd: int, name: bytes, mask: int) -> bytearray:
+    """The raw struct statx of one entry (never followed; name b"" for dir_fd
+    itself): what stat does not tell, such as the birth time."""
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if not name else 0)
+    _check(_libc.statx(dir_fd, name, flags, mask, buf), name)
+    return bytearray(buf.raw)
 
 
 def make_whiteout(dir_fd: int, name: bytes) -> None:

@@ -37,7 +37,7 @@ class LowerEntry:
     is_dir: bool
     layers: list[int] | None = None   # directories: the layers merged, top first
     closed: bool = False              # directories: a lower layer ended the merge
-    ino: int | None = None            # once looked up
+    ino: int | tuple[int, bytes] | None = None   # its node's table key, once looked up
 
 
 _MISSING = object()
@@ -58,7 +58,7 @@ def _build_index(ov: Overlay, node: Node) -> dict[bytes, LowerEntry | None]:
         fd = ov.table.dir_fd(node, k)
         marks = dir_marks(ov.fmt, fd)
         whiteouts: list[bytes] = []
-        with os.scandir(fd) as it:
+        with ov.table.opening(os.scandir, fd) as it:
             for e in it:
                 name = os.fsencode(e.name)
                 c = classify(ov.fmt, fd, name, e, marks)
@@ -99,14 +99,26 @@ def lookup(ov: Overlay, parent: Node, name: bytes) -> Node | None:
         if st is not None:
             if classify(ov.fmt, ufd, name, st, None).kind is Kind.WHITEOUT:
                 return None
-            return _upper_node(ov, parent, name, st, ufd)
+            return upper_node(ov, parent, name, st, ufd)
         # The OCI form counts in the upper layer too (readdir hides NAME for it).
-        if has_oci_whiteout(ufd, name):
+        if _may_hold_oci_whiteouts(ov, parent, ufd) and has_oci_whiteout(ufd, name):
             return None
     ent = lower_index(ov, parent).get(name)
     if ent is None:
         return None
     return _lower_node(ov, parent, name, ent)
+
+
+def _may_hold_oci_whiteouts(ov: Overlay, parent: Node, ufd: int) -> bool:
+    """Can the upper directory hold `.wh.` names?  Only ones it had when mounted:
+    cowfs makes none (but where 0/0 whiteouts are refused), and users cannot
+    create such names.  Known after one scan, so a miss costs one lstat."""
+    if ov.wh_fallback:
+        return True
+    if parent.upper_wh is None:
+        with os.scandir(ufd) as it:
+            parent.upper_wh = any(e.name.startswith(".wh.") for e in it)
+    return parent.upper_wh
 
 
 def lookup_listed(ov: Overlay, parent: Node, name: bytes) -> Node | None:
@@ -126,21 +138,10 @@ def lower_entry(ov: Overlay, parent: Node, name: bytes) -> LowerEntry | None:
     return lower_index(ov, parent).get(name)
 
 
-def _existing(ov: Overlay, ino: int, parent: Node, name: bytes,
-              layer: int | None = None) -> Node | None:
-    node = ov.table.nodes.get(ino)
-    if layer is not None and node is not None and node.layer != 0 and not node.is_dir \
-            and node.redirect is None:
-        # Another name of a lower hard link: remember the latest one seen.
-        node.parent, node.name = parent, name
-        node.layer = node.lower_layer = layer
-    return node
-
-
-def _upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
+def upper_node(ov: Overlay, parent: Node, name: bytes, st: os.stat_result,
                 ufd: int) -> Node:
     ino = ov.numbers.number(st)
-    node = _existing(ov, ino, parent, name)
+    node = ov.table.nodes.get(ino)
     if node is not None:
         if not node.unlinked:
             return node
@@ -188,7 +189,7 @@ def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node
     k = ent.layer
     if ent.ino is not None:
         # Lower entries never change: a known one needs no syscall while its node lives.
-        node = _existing(ov, ent.ino, parent, name, k)
+        node = ov.table.nodes.get(ent.ino)
         if node is not None:
             return node
     pfd = ov.table.dir_fd(parent, k)
@@ -197,9 +198,12 @@ def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node
             and classify(ov.fmt, pfd, name, st, None).kind is Kind.WHITEOUT:
         return None   # an xattr whiteout outside an opaque=x directory (see classify)
     ino = ov.numbers.number(st)
-    node = _existing(ov, ino, parent, name, k)
+    # (with no upper layer nothing breaks a link: one node, as in overlayfs)
+    key = link_key(parent, name) if not ent.is_dir and st.st_nlink > 1 \
+        and ov.upper is not None else ino
+    node = ov.table.nodes.get(key)
     if node is not None:
-        ent.ino = ino
+        ent.ino = key
         return node
     if ent.is_dir:
         node = Node(ino, parent, name, st.st_mode, k, None)
@@ -210,12 +214,21 @@ def _lower_node(ov: Overlay, parent: Node, name: bytes, ent: LowerEntry) -> Node
             raise
     else:
         node = Node(ino, parent, name, st.st_mode, k, k)
+        node.key = key
         if stat.S_ISREG(st.st_mode) and k != len(ov.layers) - 1 and _may_be_metacopy(st) \
                 and is_metacopy(ov.fmt, xattr_path(pfd, name)):
             node.lower_layer, node.redirect = _data_source(ov, parent, name, k, pfd)
-    ent.ino = ino
+    ent.ino = key
     ov.table.add(node)
     return node
+
+
+def link_key(parent: Node, name: bytes) -> tuple[int, bytes]:
+    """The table key of one name of a lower hard link.  As overlayfs without
+    index, every name is its own file: they show the lower inode (number and
+    link count) until copy-up breaks the link, so a write lands only under
+    the name written, and nothing depends on which name was looked up last."""
+    return (parent.ino, name)
 
 
 # ------------------------------------------------------------------ paths
@@ -223,11 +236,16 @@ def lower_path(node: Node) -> Parts:
     """The path below the lower layer roots a redirect written for node names
     (the kernel's ovl_get_redirect): its own redirect, or its parent's path and
     its name.  Lower layers' own redirects are followed from there."""
-    if node.redirect is not None and node.is_dir:
-        return node.redirect
-    if node.parent is None:
-        return ()
-    return lower_path(node.parent) + (node.name,)
+    names: list[bytes] = []
+    n: Node | None = node
+    while n is not None:   # (a loop: trees may be deep)
+        if n.redirect is not None and n.is_dir:
+            return n.redirect + tuple(reversed(names))
+        if n.parent is None:
+            break
+        names.append(n.name)
+        n = n.parent
+    return tuple(reversed(names))
 
 
 def layer_path(node: Node, layer: int) -> Parts:

@@ -276,6 +276,18 @@ def is_mounted(path: str) -> bool:
     return False
 
 
+def _refuse_mountpoint_in_layer(cfg: MountConfig) -> None:
+    """A mountpoint strictly inside a layer (or the workdir) would be served by
+    this very daemon: its first lookup there waits on itself.  (The kernel sees
+    the covered directory; a path from user space cannot.)  The mountpoint may
+    be a layer root itself: layer roots are opened before the mount covers them."""
+    for what, path in [("upperdir", cfg.upperdir), ("workdir", cfg.workdir)] + \
+            [("lowerdir", p) for p in cfg.lowerdirs]:
+        if path and _inside(cfg.mountpoint, path) \
+                and os.path.realpath(cfg.mountpoint) != os.path.realpath(path):
+            raise UsageError(f"mountpoint '{cfg.mountpoint}' is inside {what} '{path}'")
+
+
 def validate(cfg: MountConfig) -> None:
     """Check every layer, the workdir and the mountpoint; raise UsageError."""
     # The kernel refuses a layer that is in the stack twice (ELOOP).
@@ -298,6 +310,7 @@ def validate(cfg: MountConfig) -> None:
         if not os.access(cfg.upperdir, os.W_OK) or not os.access(cfg.workdir, os.W_OK):
             raise UsageError("upperdir and workdir must be writable")
     _is_dir(cfg.mountpoint, "mountpoint")
+    _refuse_mountpoint_in_layer(cfg)
     if is_mounted(cfg.mountpoint):
         raise UsageError(f"mountpoint '{cfg.mountpoint}' is already mounted")
     _check_fuse_access()

@@ -57,8 +57,7 @@ def listxattr(ov: Overlay, node: Node, uid: int = 0) -> list[str]:
 def setxattr(ov: Overlay, node: Node, name: str, value: bytes, flags: int = 0) -> None:
     ov.check_writable()
     _refuse_private(name)
-    if flags & os.XATTR_REPLACE:
-        getxattr(ov, node, name)        # ENODATA before anything is copied up
+    # As overlayfs: copy up first, even when XATTR_REPLACE then finds nothing.
     copy_up(ov, node, data=False)
     os.setxattr(_path(ov, node), name, value, flags, follow_symlinks=False)
     node.no_caps = False

@@ -80,7 +80,7 @@ def _offline_roots(ns: argparse.Namespace) -> tuple[list[str], bool, list[str] |
         from ..image.store import Store
         store = Store(ns.store)
         image = store.image(ns.image)
-        ids = list(reversed(image["layers"]))   # top layer first, as lower_dirs
+        ids = list(reversed(image.chain))   # store layers by chain ID, top first as lower_dirs
         return store.lower_dirs(image), False, [d.split(":", 1)[-1][:12] for d in ids]
     for d in ns.lower + ([ns.upper] if ns.upper else []):
         if not os.path.isdir(d):
