@@ -106,10 +106,12 @@ def test_mount_record_survives_json(tmp_path):
         assert out.stdout.split()[:3] == ["cowfs", str(m), "fuse.cowfs"]
 
 
-def test_a_large_copy_up_does_not_stall_other_requests(tmp_path):
+@pytest.mark.parametrize("writers", [1, 2])
+def test_a_large_copy_up_does_not_stall_other_requests(tmp_path, writers):
     """Other requests are served while a copy-up copies data: the listing below
     returns while the copy is still in work/ (a stalled daemon would answer it
-    only once the copy was renamed into place)."""
+    only once the copy was renamed into place).  A second writer of the file
+    waits for that copy-up without stalling them either."""
     lower, up, work, mnt = _dirs(tmp_path)
     with open(lower / "big", "wb") as f:
         for _ in range(512):
@@ -121,8 +123,9 @@ def test_a_large_copy_up_does_not_stall_other_requests(tmp_path):
             with open(m / "big", "ab") as f:
                 f.write(b"tail")
             done.set()
-        t = threading.Thread(target=writer)
-        t.start()
+        threads = [threading.Thread(target=writer) for _ in range(writers)]
+        for t in threads:
+            t.start()
         try:
             for _ in range(2000):
                 if any(n.startswith("#cowfs") for n in os.listdir(work / "work")):
@@ -135,5 +138,6 @@ def test_a_large_copy_up_does_not_stall_other_requests(tmp_path):
             in_progress = any(n.startswith("#cowfs") for n in os.listdir(work / "work"))
             assert in_progress and not done.is_set()
         finally:
-            t.join()
-    assert (up / "big").stat().st_size == 512 * (1 << 20) + 4
+            for t in threads:
+                t.join()
+    assert (up / "big").stat().st_size == 512 * (1 << 20) + 4 * writers

@@ -162,6 +162,7 @@ class Overlay:
     def copying(self, node: Node) -> Iterator[None]:
         """One copy-up per inode: later writers wait for the first one's result."""
         while node in self._copying:
+            self.before_block()     # (waiting is blocking too: let others be served)
             self._copy_done.wait()
         self._copying.add(node)
         try:
